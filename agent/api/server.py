@@ -1,0 +1,421 @@
+"""The local API: aiohttp on a Unix socket (or a socket systemd handed us).
+
+Routes are declared once in :data:`ROUTES`; the OpenAPI document is derived from the same
+table, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from agent import __version__
+from agent.api import schema, views
+from agent.api.openapi import Route, openapi_document
+from agent.api.peercred import peer_credentials
+from agent.api.problems import from_error, from_http, problem_response
+from agent.core.caller import Caller, is_admin
+from agent.core.pool import Pool, place_across
+from agent.core.service import NodeService
+from agent.errors import BadRequest, NotFound, PayloadTooLarge, XpuError
+from agent.ledger import placement
+from agent.model import SliceRequest
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICE = web.AppKey("service", NodeService)
+POOL = web.AppKey("pool", Pool)
+METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+CALLER = "xpu.caller"
+JSON = "application/json"
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type=JSON)
+
+
+def caller_of(request: web.Request) -> Caller:
+    caller: Caller = request[CALLER]
+    return caller
+
+
+async def _body(request: web.Request, kind: type[msgspec.Struct]) -> Any:
+    if (
+        request.content_length is not None
+        and request.content_length > request.app[SERVICE].config.api.max_body_bytes
+    ):
+        raise PayloadTooLarge(f"body over {request.app[SERVICE].config.api.max_body_bytes} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SERVICE].config.api.max_body_bytes
+        raise PayloadTooLarge(f"body over {limit} bytes") from None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+
+
+# -- middleware -----------------------------------------------------------------------------
+
+
+@web.middleware
+async def identity_and_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        cred = peer_credentials(sock)
+        admin = is_admin(cred.uid, cred.gid, cred.pid, service.config.api.admin_group)
+        request[CALLER] = Caller(uid=cred.uid, gid=cred.gid, pid=cred.pid, admin=admin)
+    else:
+        # The optional loopback TCP listener serves /metrics only; it has no identity.
+        request[CALLER] = Caller(uid=-1, gid=-1, pid=0, admin=False)
+        if request.path != "/metrics":
+            return problem_response(403, "Forbidden", "only /metrics is served on TCP", None, None)
+    try:
+        return await handler(request)
+    except XpuError as exc:
+        return from_error(exc, request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http(exc, request.path)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:
+        log.exception("unhandled API error", path=request.path, method=request.method)
+        return problem_response(500, "Internal error", "see the agent's log", request.path, None)
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+async def get_health(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return _json(
+        schema.HealthView(
+            status="ok",
+            version=__version__,
+            uptime_s=round(time.time() - service.started_at, 3),
+            node=service.config.node_name,
+        )
+    )
+
+
+async def get_node(request: web.Request) -> web.Response:
+    return _json(views.node_view(request.app[SERVICE], request.app[POOL]))
+
+
+async def get_devices(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    caller = caller_of(request)
+    return _json(
+        [views.device_view(service, d, caller) for d in service.inventory.devices.values()]
+    )
+
+
+async def get_device(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    device = service.device(request.match_info["id"])
+    return _json(views.device_view(service, device, caller_of(request)))
+
+
+async def get_slices(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    history = request.query.get("history", "0") in {"1", "true", "yes"}
+    caller = caller_of(request)
+    return _json([views.slice_view(service, s, caller) for s in await service.slices(history)])
+
+
+async def post_slices(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body: schema.AllocateBody = await _body(request, schema.AllocateBody)
+    caller = caller_of(request)
+    slice_, created = await service.allocate(
+        caller,
+        SliceRequest(
+            memory_mib=body.memory_mib,
+            compute_pct=body.compute_pct,
+            owner_uid=caller.uid,
+            device=body.device,
+            ttl_s=body.ttl_s,
+            labels=body.labels,
+            priority=body.priority,
+            request_id=body.request_id,
+        ),
+    )
+    return _json(views.slice_view(service, slice_, caller), status=201 if created else 200)
+
+
+async def get_slice(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    slice_ = await service.get(request.match_info["id"])
+    return _json(views.slice_view(service, slice_, caller_of(request)))
+
+
+async def delete_slice(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    caller = caller_of(request)
+    ended = await service.release(caller, request.match_info["id"])
+    return _json(views.slice_view(service, ended, caller))
+
+
+async def post_processes(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body: schema.BindBody = await _body(request, schema.BindBody)
+    caller = caller_of(request)
+    slice_ = await service.bind(caller, request.match_info["id"], body.pid)
+    return _json(views.slice_view(service, slice_, caller), status=201)
+
+
+async def delete_process(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    caller = caller_of(request)
+    try:
+        pid = int(request.match_info["pid"])
+    except ValueError:
+        raise BadRequest("pid must be an integer") from None
+    slice_ = await service.unbind(caller, request.match_info["id"], pid)
+    return _json(views.slice_view(service, slice_, caller))
+
+
+async def get_pool(request: web.Request) -> web.Response:
+    return _json([views.peer_view(p) for p in request.app[POOL].peers()])
+
+
+async def post_place(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body: schema.PlaceBody = await _body(request, schema.PlaceBody)
+    demand = placement.Demand(
+        body.memory_mib,
+        placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
+    )
+    if demand.memory_mib <= 0 or not 1 <= demand.compute_pct <= 100:
+        raise BadRequest("memory_mib must be positive and compute_pct 1..100")
+    ranked = place_across(
+        service.card_states(),
+        request.app[POOL].peers(),
+        demand,
+        service.config.slicing.placement,
+        body.model,
+        max(1, min(body.limit, 100)),
+    )
+    return _json(
+        [
+            schema.CandidateView(
+                node=p.candidate.node,
+                device=p.candidate.device,
+                model=p.model,
+                score=round(p.candidate.score, 6),
+                memory_free_after_mib=p.candidate.memory_free_after_mib,
+                compute_free_after_pct=p.candidate.compute_free_after_pct,
+                local=p.local,
+            )
+            for p in ranked
+        ]
+    )
+
+
+async def post_borrow(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body: schema.BorrowBody = await _body(request, schema.BorrowBody)
+    demand = placement.Demand(
+        body.memory_mib,
+        placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
+    )
+    lease = await request.app[POOL].borrow(
+        caller_of(request), demand, body.node, body.ttl_s, body.model
+    )
+    return _json(
+        schema.LeaseView(
+            lender=lease.lender,
+            slice_id=lease.slice_id,
+            device=lease.device,
+            memory_mib=lease.memory_mib,
+            compute_pct=lease.compute_pct,
+            expires_at=lease.expires_at,
+            env=lease.env,
+        ),
+        status=201,
+    )
+
+
+def _event_view(event: Any) -> schema.EventView:
+    return schema.EventView(
+        seq=event.seq, ts=event.ts, kind=event.kind, slice_id=event.slice_id, data=dict(event.data)
+    )
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("after and limit must be integers") from None
+    follow = request.query.get("follow", "0") in {"1", "true", "yes"}
+    if not follow:
+        return _json([_event_view(e) for e in await service.events(after, max(1, limit))])
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async with service.hub.follow() as queue:
+        last = after
+        for event in await service.events(after, max(1, limit)):
+            await response.write(msgspec.json.encode(_event_view(event)) + b"\n")
+            last = event.seq
+        while True:
+            event = await queue.get()
+            if event.seq <= last:
+                continue
+            await response.write(msgspec.json.encode(_event_view(event)) + b"\n")
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return _json(openapi_document(ROUTES, __version__))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    render = request.app.get(METRICS)
+    if render is None:
+        raise NotFound("metrics are not enabled")
+    return web.Response(body=render(), content_type="text/plain", charset="utf-8")
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/health", get_health, "Liveness", response=schema.HealthView),
+    Route("GET", "/v1/node", get_node, "Node summary", response=schema.NodeView),
+    Route("GET", "/v1/devices", get_devices, "Devices", response=list[schema.DeviceView]),
+    Route("GET", "/v1/devices/{id}", get_device, "One device", response=schema.DeviceView),
+    Route("GET", "/v1/slices", get_slices, "Slices", response=list[schema.SliceView]),
+    Route(
+        "POST",
+        "/v1/slices",
+        post_slices,
+        "Allocate a slice",
+        body=schema.AllocateBody,
+        response=schema.SliceView,
+        status=201,
+    ),
+    Route("GET", "/v1/slices/{id}", get_slice, "One slice", response=schema.SliceView),
+    Route("DELETE", "/v1/slices/{id}", delete_slice, "Release", response=schema.SliceView),
+    Route(
+        "POST",
+        "/v1/slices/{id}/processes",
+        post_processes,
+        "Bind a process",
+        body=schema.BindBody,
+        response=schema.SliceView,
+        status=201,
+    ),
+    Route(
+        "DELETE",
+        "/v1/slices/{id}/processes/{pid}",
+        delete_process,
+        "Unbind a process",
+        response=schema.SliceView,
+    ),
+    Route("GET", "/v1/pool", get_pool, "Peers as last heard", response=list[schema.PeerView]),
+    Route(
+        "POST",
+        "/v1/pool/place",
+        post_place,
+        "Ranked candidates",
+        body=schema.PlaceBody,
+        response=list[schema.CandidateView],
+    ),
+    Route(
+        "POST",
+        "/v1/pool/borrow",
+        post_borrow,
+        "Borrow from a peer",
+        body=schema.BorrowBody,
+        response=schema.LeaseView,
+        status=201,
+    ),
+    Route("GET", "/v1/events", get_events, "Events", response=list[schema.EventView]),
+    Route("GET", "/v1/openapi.json", get_openapi, "This document", response=None),
+    Route("GET", "/metrics", get_metrics, "Prometheus exposition", response=None),
+)
+
+
+def build_app(
+    service: NodeService, pool: Pool, metrics: Callable[[], bytes] | None = None
+) -> web.Application:
+    app = web.Application(
+        middlewares=[identity_and_problems], client_max_size=service.config.api.max_body_bytes
+    )
+    app[SERVICE] = service
+    app[POOL] = pool
+    if metrics is not None:
+        app[METRICS] = metrics
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    return app
+
+
+@dataclass(slots=True)
+class ApiServer:
+    """Runs the app on the configured socket path, or on a socket systemd passed us."""
+
+    app: web.Application
+    runner: web.AppRunner | None = None
+
+    async def start(self, path: Path, group: str, inherited: socket.socket | None) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        if inherited is not None:
+            site: web.BaseSite = web.SockSite(self.runner, inherited)
+        else:
+            await asyncio.to_thread(_prepare_socket_path, path)
+            # Create the socket with no access for others from the first instant.
+            old = os.umask(0o117)
+            try:
+                site = web.UnixSite(self.runner, str(path))
+                await site.start()
+            finally:
+                os.umask(old)
+            set_socket_group(path, group)
+            return
+        await site.start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _prepare_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def set_socket_group(path: Path, group: str) -> None:
+    """Mode 0660 with ``group``; without that group, owner-only with a warning."""
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        gid = None
+        log.warning("socket group not found; socket is owner-only", group=group, socket=str(path))
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+            return
+        except PermissionError:
+            log.warning("cannot give the socket to its group", group=group, socket=str(path))
+    os.chmod(path, 0o600)

@@ -1,0 +1,150 @@
+"""Core objects → API views (what the caller may see)."""
+
+from __future__ import annotations
+
+from agent import __version__
+from agent.api import schema
+from agent.core.caller import Caller
+from agent.core.pool import Peer, Pool
+from agent.core.service import NodeService
+from agent.model import Device, Health, Slice
+
+
+def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.SliceView:
+    usage = service.usage.get(slice_.id)
+    mine = caller.admin or caller.uid == slice_.owner_uid
+    return schema.SliceView(
+        id=slice_.id,
+        device=slice_.device,
+        memory_mib=slice_.memory_mib,
+        compute_pct=slice_.compute_pct,
+        owner_uid=slice_.owner_uid,
+        state=slice_.state.value,
+        labels=dict(slice_.labels),
+        priority=slice_.priority,
+        created_at=slice_.created_at,
+        expires_at=slice_.expires_at,
+        ended_at=slice_.ended_at,
+        borrower=slice_.borrower,
+        request_id=slice_.request_id if mine else None,
+        processes=[
+            schema.ProcessView(pid=p.pid, start_time=p.start_time) for p in slice_.processes
+        ],
+        usage=schema.SliceUsageView(
+            memory_used_mib=round(usage.memory_used_mib, 1),
+            compute_used_pct=round(usage.compute_used_pct, 1),
+            throttled=usage.throttled,
+            last_action=usage.last_action,
+        )
+        if usage
+        else None,
+        env=service.env(slice_) if mine and slice_.state.value == "active" else None,
+    )
+
+
+def device_view(service: NodeService, device: Device, caller: Caller) -> schema.DeviceView:
+    sample = service.inventory.samples.get(device.id)
+    on = service.slices_on(device.id)
+    return schema.DeviceView(
+        id=device.id,
+        backend=device.backend,
+        vendor=device.vendor.value,
+        model=device.model,
+        index=device.index,
+        uuid=device.uuid,
+        pci_bus_id=device.pci_bus_id,
+        health=device.health.value,
+        health_reason=device.health_reason,
+        memory_total_mib=device.memory_total_mib,
+        memory_used_mib=round(sample.memory_used_mib, 1)
+        if sample and sample.memory_used_mib is not None
+        else None,
+        utilisation_pct=round(sample.utilisation_pct, 1)
+        if sample and sample.utilisation_pct is not None
+        else None,
+        temperature_c=sample.temperature_c if sample else None,
+        power_w=sample.power_w if sample else None,
+        allocated_memory_mib=sum(s.memory_mib for s in on),
+        allocated_compute_pct=sum(s.compute_pct for s in on),
+        slice_count=len(on),
+        slices=[slice_view(service, s, caller) for s in on],
+        unsliced_pids=list(service.unsliced.get(device.id, ())),
+        hardware_partitions=list(device.hardware_partitions),
+    )
+
+
+def idle_amount(service: NodeService) -> schema.Amount:
+    """Lendable now: unallocated capacity plus slices idle beyond ``pool.idle_after_s``
+    whose owners allow lending (label ``lend=true``)."""
+    capacity, allocated = service.totals()
+    memory = capacity.memory_mib - allocated.memory_mib
+    compute = capacity.compute_pct - allocated.compute_pct
+    slots = capacity.slices - allocated.slices
+    horizon = service.clock() - service.config.pool.idle_after_s
+    for s in service.live.values():
+        usage = service.usage.get(s.id)
+        idle = usage is not None and (usage.last_active_at or 0) < horizon
+        if idle and s.labels.get("lend") == "true" and s.borrower is None:
+            memory += s.memory_mib
+            compute += s.compute_pct
+    return schema.Amount(memory_mib=memory, compute_pct=compute, slices=slots)
+
+
+def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
+    capacity, allocated = service.totals()
+    devices = list(service.inventory.devices.values())
+    healthy = sum(1 for d in devices if d.health is Health.OK)
+    link = pool.link()
+    status = "ok" if healthy == len(devices) and devices else "degraded"
+    return schema.NodeView(
+        node=service.config.node_name,
+        zone=service.config.node.zone,
+        version=__version__,
+        uptime_s=round(service.clock() - service.started_at, 3),
+        health=status,
+        backends=[b.name for b in service.inventory.backends],
+        devices=len(devices),
+        devices_healthy=healthy,
+        capacity=schema.Amount(
+            memory_mib=capacity.memory_mib, compute_pct=capacity.compute_pct, slices=capacity.slices
+        ),
+        allocated=schema.Amount(
+            memory_mib=allocated.memory_mib,
+            compute_pct=allocated.compute_pct,
+            slices=allocated.slices,
+        ),
+        free=schema.Amount(
+            memory_mib=capacity.memory_mib - allocated.memory_mib,
+            compute_pct=capacity.compute_pct - allocated.compute_pct,
+            slices=capacity.slices - allocated.slices,
+        ),
+        idle=idle_amount(service),
+        mqtt=schema.MqttView(
+            enabled=link.enabled, connected=link.connected, url=link.url, state=link.state
+        ),
+    )
+
+
+def peer_view(peer: Peer) -> schema.PeerView:
+    return schema.PeerView(
+        node=peer.node,
+        state=peer.state,
+        placeable=peer.placeable,
+        age_s=round(peer.age_s, 3),
+        agent=peer.agent,
+        devices=[
+            schema.PeerDeviceView(
+                id=d.id,
+                model=d.model,
+                vendor=d.vendor,
+                health=d.health,
+                memory_total_mib=d.memory_total_mib,
+                memory_free_mib=d.memory_free_mib,
+                compute_free_pct=d.compute_free_pct,
+                slices=d.slices,
+            )
+            for d in peer.devices
+        ],
+        lendable_memory_mib=peer.lendable_memory_mib,
+        lendable_compute_pct=peer.lendable_compute_pct,
+    )

@@ -1,0 +1,1 @@
+"""Device backends: each knows one kind of device and nothing about slices."""

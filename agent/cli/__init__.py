@@ -1,0 +1,1 @@
+"""Entry points: the daemon (``xpu-agent``) and the client (``xpuctl``)."""

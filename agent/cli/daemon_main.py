@@ -1,0 +1,55 @@
+"""``xpu-agent``: the daemon (and ``xpu-agent demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from agent import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xpu-agent", description="Per-node accelerator slicing agent.")
+    parser.add_argument("--config", type=Path, help="TOML config (env XPU_AGENT_CONFIG)")
+    parser.add_argument("--dev", action="store_true", help="socket/state/logs under ./.run/")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("XPU_AGENT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument("--version", action="version", version=f"xpu-agent {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imports after parsing: --help and --version stay fast.
+    from agent import config as config_mod  # noqa: PLC0415
+    from agent import logs  # noqa: PLC0415
+    from agent.errors import ConfigError  # noqa: PLC0415
+
+    logs.configure(args.log_level)
+    env_path = os.environ.get("XPU_AGENT_CONFIG")
+    path: Path | None = args.config or (Path(env_path) if env_path else None)
+    try:
+        config = config_mod.load(path)
+        if args.dev:
+            config = config_mod.with_dev_paths(config)
+        from agent.daemon import run_daemon  # noqa: PLC0415
+
+        return run_daemon(config, path, args.dev)
+    except ConfigError as exc:
+        print(f"xpu-agent: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""HTTP over the agent's Unix socket with the standard library's ``http.client``.
+
+``xpuctl`` must start fast (``aiohttp`` alone costs ~0.2 s to import), so the client uses
+``http.client`` — a real HTTP implementation, only connected to an ``AF_UNIX`` socket —
+and maps every problem document to one exception carrying the server's words.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SOCKET = "/run/xpu-agent/agent.sock"
+DEV_SOCKET = Path(".run/agent.sock")
+#: Where the packaged ``xpu-agent.socket`` unit listens (outside RuntimeDirectory=).
+ACTIVATED_SOCKET = Path("/run/xpu-agent.sock")
+DEFAULT_CONFIG = "/etc/xpu-agent/agent.toml"
+
+
+class ClientError(Exception):
+    """Base of the client's errors; ``exit_code`` is what ``xpuctl`` exits with."""
+
+    exit_code = 1
+
+
+class AgentUnavailable(ClientError):
+    pass
+
+
+class ApiError(ClientError):
+    """The agent answered with a problem document."""
+
+    _CODES = {400: 2, 403: 3, 404: 4, 409: 5, 413: 2}
+
+    def __init__(self, status: int, title: str, detail: str, extra: dict[str, Any]) -> None:
+        super().__init__(f"{title}: {detail}" if detail else title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+        self.exit_code = self._CODES.get(status, 1)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def resolve_socket(explicit: str | None) -> str:
+    """--socket, then $XPU_AGENT_SOCKET, then the configured socket, then the socket-activated
+    one, then ./.run/ (``--dev``)."""
+    if explicit:
+        return explicit
+    from_env = os.environ.get("XPU_AGENT_SOCKET")
+    if from_env:
+        return from_env
+    configured = DEFAULT_SOCKET
+    config_path = os.environ.get("XPU_AGENT_CONFIG", DEFAULT_CONFIG)
+    try:
+        with open(config_path, "rb") as handle:
+            configured = tomllib.load(handle).get("paths", {}).get("socket", configured)
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    if not Path(configured).exists():
+        for fallback in (ACTIVATED_SOCKET, DEV_SOCKET):
+            if fallback.exists():
+                return str(fallback.resolve())
+    return str(configured)
+
+
+class AgentClient:
+    def __init__(self, socket_path: str, timeout_s: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+
+    def _open(
+        self, method: str, path: str, body: Any, timeout: float | None
+    ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(self.socket_path, self.timeout_s if timeout is None else timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn.close()
+            raise AgentUnavailable(
+                f"the agent is not running (no one listens on {self.socket_path}: {exc.strerror})"
+            ) from None
+        except PermissionError:
+            conn.close()
+            raise AgentUnavailable(
+                f"permission denied on {self.socket_path}: join its group (default 'xpu')"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise AgentUnavailable(
+                f"the agent did not answer on {self.socket_path}: {exc}"
+            ) from None
+        if response.status >= 400:
+            raw = response.read()
+            conn.close()
+            raise self._problem(response.status, raw)
+        return conn, response
+
+    @staticmethod
+    def _problem(status: int, raw: bytes) -> ApiError:
+        try:
+            doc = json.loads(raw)
+            return ApiError(
+                status, doc.get("title", str(status)), doc.get("detail", ""), doc.get("extra") or {}
+            )
+        except (ValueError, AttributeError):
+            return ApiError(status, f"HTTP {status}", raw.decode(errors="replace")[:200], {})
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        conn, response = self._open(method, path, body, None)
+        try:
+            return json.loads(response.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def stream(self, path: str) -> Iterator[Any]:
+        """Newline-delimited JSON, one object per line, until the server closes."""
+        conn, response = self._open("GET", path, None, timeout=None)
+        try:
+            while True:
+                line = response.readline()
+                if not line:
+                    return
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()

@@ -1,0 +1,254 @@
+"""Versioned, validated configuration (TOML, ``version = 1``).
+
+Unknown keys, unknown versions and bad values are refused with the key's dotted name and
+the reason, so that ``xpu-agent`` can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from agent.errors import ConfigError
+from agent.units import parse_duration_s, parse_size_mib
+
+CONFIG_VERSION = 1
+DEFAULT_CONFIG_PATH = Path("/etc/xpu-agent/agent.toml")
+DEV_DIR = Path(".run")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Section):
+    name: str = ""
+    zone: str = "default"
+
+
+class PathsConfig(_Section):
+    state_dir: str = "/var/lib/xpu-agent"
+    socket: str = "/run/xpu-agent/agent.sock"
+
+
+class ApiConfig(_Section):
+    socket_group: str = "xpu"
+    admin_group: str = ""
+    max_body_bytes: int = 64 * 1024
+
+
+class MockDeviceConfig(_Section):
+    model: str = "Ascend910B3"
+    memory_mib: int | str = 65536
+    count: int = 1
+
+
+class MockConfig(_Section):
+    devices: list[MockDeviceConfig] = msgspec.field(
+        default_factory=lambda: [MockDeviceConfig(count=8)]
+    )
+
+
+class NpuSmiConfig(_Section):
+    path: str = "npu-smi"
+    timeout_s: float = 10.0
+
+
+class NvmlConfig(_Section):
+    event_timeout_ms: int = 1000
+
+
+class BackendsConfig(_Section):
+    enabled: list[Literal["auto", "nvml", "npu-smi", "mock"]] = msgspec.field(
+        default_factory=lambda: ["auto"]
+    )
+    rediscover_s: float = 30.0
+    mock: MockConfig = msgspec.field(default_factory=MockConfig)
+    npu_smi: NpuSmiConfig = msgspec.field(default_factory=NpuSmiConfig)
+    nvml: NvmlConfig = msgspec.field(default_factory=NvmlConfig)
+
+
+class SlicingConfig(_Section):
+    compute_step_pct: int = 10
+    max_slices_per_device: int = 10
+    placement: Literal["fragmentation", "best-fit", "spread"] = "fragmentation"
+    history_s: float = 86400.0
+
+
+class EnforcementConfig(_Section):
+    interval_ms: int = 500
+    memory_action: Literal["report", "term", "kill"] = "term"
+    grace_s: float = 5.0
+    compute_policy: Literal["work-conserving", "hard", "off"] = "work-conserving"
+    unsliced: Literal["report", "kill"] = "report"
+
+
+class MqttConfig(_Section):
+    url: str = ""
+    topic_root: str = "xpu/v1"
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 30
+    heartbeat_s: float = 30.0
+    debounce_ms: int = 200
+    max_payload_bytes: int = 256 * 1024
+
+
+class PoolConfig(_Section):
+    peer_ttl_s: float = 90.0
+    idle_after_s: float = 300.0
+    lend: bool = True
+    lease_ttl_s: str | float = 600.0
+
+
+class MetricsConfig(_Section):
+    listen: str = ""
+    textfile: str = ""
+
+
+class Config(_Section):
+    version: int
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    backends: BackendsConfig = msgspec.field(default_factory=BackendsConfig)
+    slicing: SlicingConfig = msgspec.field(default_factory=SlicingConfig)
+    enforcement: EnforcementConfig = msgspec.field(default_factory=EnforcementConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.paths.state_dir) / "ledger.sqlite"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MockCard:
+    """A mock card after validation (sizes parsed)."""
+
+    model: str
+    memory_mib: int
+
+
+_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _dotted(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r"[\1]", path).lstrip(".")
+
+
+def _translate(error: msgspec.ValidationError) -> ConfigError:
+    match = _AT_PATH.match(str(error))
+    message = match.group("msg") if match else str(error)
+    path = _dotted(match.group("path") or "") if match else ""
+    unknown = _UNKNOWN_FIELD.match(message)
+    if unknown:
+        key = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        return ConfigError(key, "unknown key")
+    missing = re.match(r"Object missing required field `(?P<field>[^`]+)`", message)
+    if missing:
+        key = f"{path}.{missing.group('field')}" if path else missing.group("field")
+        return ConfigError(key, "required key is missing")
+    return ConfigError(path or "config", message.replace("`", "'"))
+
+
+def _check(config: Config) -> None:
+    """Semantic checks msgspec's types cannot express."""
+    step = config.slicing.compute_step_pct
+    if not 1 <= step <= 100 or 100 % step:
+        raise ConfigError("slicing.compute_step_pct", f"{step} must be 1..100 and divide 100")
+    if not 1 <= config.slicing.max_slices_per_device <= 1000:
+        raise ConfigError("slicing.max_slices_per_device", "must be 1..1000")
+    if not 10 <= config.enforcement.interval_ms <= 60_000:
+        raise ConfigError("enforcement.interval_ms", "must be 10..60000")
+    if config.enforcement.grace_s < 0:
+        raise ConfigError("enforcement.grace_s", "must not be negative")
+    if config.backends.npu_smi.timeout_s <= 0:
+        raise ConfigError("backends.npu_smi.timeout_s", "must be positive")
+    if not config.backends.enabled:
+        raise ConfigError("backends.enabled", "must name at least one backend")
+    for i, card in enumerate(config.backends.mock.devices):
+        key = f"backends.mock.devices[{i}]"
+        if card.count < 0:
+            raise ConfigError(f"{key}.count", "must not be negative")
+        try:
+            parse_size_mib(card.memory_mib)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.memory_mib", str(exc)) from None
+    if config.mqtt.url and not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", config.mqtt.url):
+        raise ConfigError("mqtt.url", f"{config.mqtt.url!r} is not mqtt://host[:port] or mqtts://")
+    if config.mqtt.keepalive_s < 1:
+        raise ConfigError("mqtt.keepalive_s", "must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", config.node.zone):
+        raise ConfigError("node.zone", "letters, digits, '.', '_' and '-' only")
+    if config.node.name and not re.fullmatch(r"[A-Za-z0-9_.-]+", config.node.name):
+        raise ConfigError("node.name", "letters, digits, '.', '_' and '-' only")
+    if config.pool.peer_ttl_s <= 0:
+        raise ConfigError("pool.peer_ttl_s", "must be positive")
+    try:
+        parse_duration_s(config.pool.lease_ttl_s)
+    except ValueError as exc:
+        raise ConfigError("pool.lease_ttl_s", str(exc)) from None
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document."""
+    version = data.get("version")
+    if version is None:
+        raise ConfigError("version", f"required; this agent reads version = {CONFIG_VERSION}")
+    if version != CONFIG_VERSION:
+        raise ConfigError("version", f"unknown version {version!r}; supported: {CONFIG_VERSION}")
+    try:
+        config = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _translate(exc) from None
+    _check(config)
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read ``path``; a missing default file means all defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return from_mapping({"version": CONFIG_VERSION})
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: not valid TOML: {exc}") from None
+    return from_mapping(data)
+
+
+def with_dev_paths(config: Config, base: Path = DEV_DIR) -> Config:
+    """``--dev``: socket, state and logs under ``./.run/`` so no root is needed."""
+    base = base.resolve()
+    paths = PathsConfig(state_dir=str(base / "state"), socket=str(base / "agent.sock"))
+    return msgspec.structs.replace(config, paths=paths)
+
+
+def mock_cards(config: Config) -> list[MockCard]:
+    cards: list[MockCard] = []
+    for entry in config.backends.mock.devices:
+        cards.extend(
+            MockCard(entry.model, parse_size_mib(entry.memory_mib)) for _ in range(entry.count)
+        )
+    return cards

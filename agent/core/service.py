@@ -1,0 +1,463 @@
+"""The node service: the one core that the API, the bus and the CLI are interfaces over.
+
+It owns the ledger through a single worker thread (SQLite commits fsync and must not run
+on the event loop; one thread also serialises writers, so placement and insert are atomic)
+and keeps an in-memory copy of the live slices for fast reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from agent.config import Config
+from agent.core import procs
+from agent.core.caller import Caller, require_owner, require_process_owner
+from agent.core.events import EventHub
+from agent.core.inventory import Inventory, InventoryChange
+from agent.core.slice_env import slice_environment
+from agent.errors import BadRequest, DoesNotFit, NotFound
+from agent.ledger import placement
+from agent.ledger.store import DeviceCapacity, Ledger
+from agent.model import (
+    Device,
+    DeviceSample,
+    Event,
+    Health,
+    ProcessRef,
+    Slice,
+    SliceRequest,
+    SliceState,
+)
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceUsage:
+    """What a slice's processes used in the last sample, and what the enforcer did."""
+
+    memory_used_mib: float = 0.0
+    compute_used_pct: float = 0.0
+    throttled: bool = False
+    last_action: str | None = None
+    last_active_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    memory_mib: int
+    compute_pct: int
+    slices: int
+
+
+class NodeService:
+    def __init__(
+        self,
+        config: Config,
+        inventory: Inventory,
+        ledger: Ledger,
+        hub: EventHub,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.hub = hub
+        self.clock = clock
+        self.started_at = clock()
+        self._ledger = ledger
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._live: dict[str, Slice] = {}
+        self.usage: dict[str, SliceUsage] = {}
+        self.unsliced: dict[str, tuple[int, ...]] = {}
+        self._on_change: list[Callable[[], None]] = []
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the ledger thread. Shielded: once started, a write completes even
+        if the request that asked for it is cancelled, so the cache stays true."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.shield(loop.run_in_executor(self._executor, fn))
+
+    def _refresh(self) -> list[Slice]:
+        """Ledger thread: reload the live slices after a mutation."""
+        return self._ledger.live()
+
+    def _apply(self, live: list[Slice], events: Iterable[Event | None]) -> None:
+        self._live = {s.id: s for s in live}
+        real = [e for e in events if e is not None]
+        if real:
+            self.hub.publish(real)
+        for callback in self._on_change:
+            callback()
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Called (on the loop) after any change of slices or devices: the bus debounces."""
+        self._on_change.append(callback)
+
+    async def open(self) -> None:
+        live = await self._run(self._refresh)
+        self._apply(live, ())
+
+    async def close(self) -> None:
+        await self._run(self._ledger.close)
+        self._executor.shutdown(wait=True)
+
+    async def record(
+        self, kind: str, data: Mapping[str, object], slice_id: str | None = None
+    ) -> Event:
+        event = await self._run(lambda: self._ledger.record_event(kind, data, slice_id))
+        self.hub.publish([event])
+        return event
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @property
+    def live(self) -> Mapping[str, Slice]:
+        return self._live
+
+    def device(self, device_id: str) -> Device:
+        device = self.inventory.devices.get(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        return device
+
+    def slices_on(self, device_id: str) -> list[Slice]:
+        return [s for s in self._live.values() if s.device == device_id]
+
+    def bound_pids(self) -> dict[str, frozenset[int]]:
+        bound: dict[str, set[int]] = {}
+        for s in self._live.values():
+            bound.setdefault(s.device, set()).update(p.pid for p in s.processes)
+        return {d: frozenset(p) for d, p in bound.items()}
+
+    def env(self, slice_: Slice) -> dict[str, str]:
+        return slice_environment(slice_, self.inventory.devices.get(slice_.device))
+
+    async def get(self, slice_id: str) -> Slice:
+        found = self._live.get(slice_id)
+        if found is not None:
+            return found
+        return await self._run(lambda: self._ledger.get(slice_id))
+
+    async def slices(self, history: bool = False) -> list[Slice]:
+        live = sorted(self._live.values(), key=lambda s: (s.created_at, s.id))
+        if not history:
+            return live
+        since = self.clock() - self.config.slicing.history_s
+        old = await self._run(lambda: self._ledger.history(since))
+        return live + old
+
+    async def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        return await self._run(lambda: self._ledger.events(after, limit))
+
+    def card_states(self) -> list[placement.CardState]:
+        """Free capacity per device as placement sees it."""
+        states = []
+        max_slices = self.config.slicing.max_slices_per_device
+        for device in self.inventory.devices.values():
+            on = self.slices_on(device.id)
+            states.append(
+                placement.CardState(
+                    id=device.id,
+                    memory_total_mib=device.memory_total_mib,
+                    memory_free_mib=device.memory_total_mib - sum(s.memory_mib for s in on),
+                    compute_free_pct=100 - sum(s.compute_pct for s in on),
+                    slices=len(on),
+                    max_slices=max_slices,
+                    model=device.model,
+                    node=self.config.node_name,
+                    healthy=device.health is Health.OK and not device.hardware_partitions,
+                )
+            )
+        return states
+
+    def totals(self) -> tuple[Totals, Totals]:
+        """(capacity, allocated) over usable devices."""
+        usable = [d for d in self.inventory.devices.values() if d.health is Health.OK]
+        capacity = Totals(
+            sum(d.memory_total_mib for d in usable),
+            100 * len(usable),
+            self.config.slicing.max_slices_per_device * len(usable),
+        )
+        ids = {d.id for d in usable}
+        on = [s for s in self._live.values() if s.device in ids]
+        allocated = Totals(sum(s.memory_mib for s in on), sum(s.compute_pct for s in on), len(on))
+        return capacity, allocated
+
+    # -- allocation -----------------------------------------------------------------------
+
+    def normalise(self, request: SliceRequest) -> SliceRequest:
+        step = self.config.slicing.compute_step_pct
+        if request.memory_mib <= 0:
+            raise BadRequest("memory_mib must be positive")
+        if not 1 <= request.compute_pct <= 100:
+            raise BadRequest("compute_pct must be 1..100")
+        if request.ttl_s is not None and request.ttl_s <= 0:
+            raise BadRequest("ttl_s must be positive")
+        compute = placement.round_up_compute(request.compute_pct, step)
+        return dataclasses.replace(request, compute_pct=compute)
+
+    async def allocate(self, caller: Caller, request: SliceRequest) -> tuple[Slice, bool]:
+        """Allocate a slice for ``caller``. Returns (slice, created)."""
+        if request.owner_uid != caller.uid and not caller.admin:
+            raise BadRequest("owner is the caller")
+        request = self.normalise(request)
+        if request.device is not None:
+            device = self.device(request.device)
+            if device.health is not Health.OK:
+                raise DoesNotFit(f"device {device.id} is {device.health}: {device.health_reason}")
+        now = self.clock()
+        policy = self.config.slicing.placement
+        states = self.card_states()
+
+        def work() -> tuple[Slice, Event | None, list[Slice]]:
+            demand = placement.Demand(request.memory_mib, request.compute_pct)
+            pool = [c for c in states if request.device in (None, c.id)]
+            ranked = placement.rank(pool, demand, policy)
+            if not ranked:
+                raise self._refusal(pool, request)
+            last: DoesNotFit | None = None
+            for candidate in ranked:
+                device = self.inventory.devices[candidate.device]
+                capacity = DeviceCapacity(
+                    device.memory_total_mib, 100, self.config.slicing.max_slices_per_device
+                )
+                try:
+                    slice_, event = self._ledger.allocate(device.id, capacity, request, now)
+                except DoesNotFit as exc:
+                    last = exc
+                    continue
+                return slice_, event, self._ledger.live()
+            assert last is not None
+            raise last
+
+        # A repeated request_id must return the same slice even if the node is full now.
+        if request.request_id is not None:
+            existing = next(
+                (
+                    s
+                    for s in self._live.values()
+                    if s.request_id == request.request_id and s.owner_uid == request.owner_uid
+                ),
+                None,
+            )
+            if existing is not None:
+                return existing, False
+        slice_, event, live = await self._run(work)
+        self._apply(live, [event])
+        if event is not None:
+            log.info("slice allocated", slice=slice_.id, device=slice_.device, uid=caller.uid)
+        return slice_, event is not None
+
+    def _refusal(self, states: Sequence[placement.CardState], request: SliceRequest) -> DoesNotFit:
+        usable = [c for c in states if c.healthy]
+        if not usable:
+            return DoesNotFit("no usable device on this node", request=request.device)
+        roomiest = max(usable, key=lambda c: (c.compute_free_pct, c.memory_free_mib))
+        return DoesNotFit(
+            f"{request.memory_mib} MiB / {request.compute_pct} % does not fit on any device; "
+            f"most room: {roomiest.id} with {roomiest.memory_free_mib} MiB and "
+            f"{roomiest.compute_free_pct} % free, {roomiest.max_slices - roomiest.slices} slot(s)",
+            most_room={
+                "device": roomiest.id,
+                "memory_free_mib": roomiest.memory_free_mib,
+                "compute_free_pct": roomiest.compute_free_pct,
+                "slots_free": roomiest.max_slices - roomiest.slices,
+            },
+        )
+
+    async def release(
+        self,
+        caller: Caller,
+        slice_id: str,
+        state: SliceState = SliceState.RELEASED,
+        reason: str = "",
+    ) -> Slice:
+        current = await self.get(slice_id)
+        require_owner(caller, current, "release")
+        why = reason or f"released by {caller.name}"
+        now = self.clock()
+
+        def work() -> tuple[Slice, Event, list[Slice]]:
+            ended, event = self._ledger.end(slice_id, state, why, now)
+            return ended, event, self._ledger.live()
+
+        ended, event, live = await self._run(work)
+        self._apply(live, [event])
+        self.usage.pop(slice_id, None)
+        log.info("slice ended", slice=slice_id, state=state.value, reason=why)
+        return ended
+
+    async def renew(self, slice_id: str, ttl_s: float) -> Slice:
+        expires = self.clock() + ttl_s
+
+        def work() -> tuple[Slice, list[Slice]]:
+            return self._ledger.extend(slice_id, expires), self._ledger.live()
+
+        renewed, live = await self._run(work)
+        self._apply(live, ())
+        return renewed
+
+    async def expire_due(self) -> list[str]:
+        now = self.clock()
+
+        def work() -> tuple[list[Event], list[Slice]]:
+            events = []
+            for slice_id in self._ledger.expired(now):
+                events.append(self._ledger.end(slice_id, SliceState.EXPIRED, "ttl lapsed", now)[1])
+            return events, self._ledger.live()
+
+        events, live = await self._run(work)
+        if events:
+            self._apply(live, events)
+        return [e.slice_id for e in events if e.slice_id]
+
+    async def forget_history(self) -> int:
+        before = self.clock() - self.config.slicing.history_s
+        return await self._run(lambda: self._ledger.forget_history(before))
+
+    # -- binding --------------------------------------------------------------------------
+
+    async def bind(self, caller: Caller, slice_id: str, pid: int, how: str = "api") -> Slice:
+        current = await self.get(slice_id)
+        require_owner(caller, current, "bind to")
+        if current.state is not SliceState.ACTIVE:
+            raise NotFound(f"slice {slice_id} is {current.state}")
+        info = await asyncio.to_thread(procs.inspect, pid)
+        require_process_owner(caller, pid, info.uid)
+        return await self._bind(slice_id, info.ref, how)
+
+    async def _bind(self, slice_id: str, ref: ProcessRef, how: str) -> Slice:
+        def work() -> tuple[Event | None, list[Slice]]:
+            # Re-check identity right before recording it: the pid may have been recycled.
+            if not procs.still_same(ref):
+                raise NotFound(f"process {ref.pid} exited")
+            return self._ledger.bind(slice_id, ref, how), self._ledger.live()
+
+        event, live = await self._run(work)
+        self._apply(live, [event])
+        return self._live[slice_id]
+
+    async def unbind(self, caller: Caller, slice_id: str, pid: int) -> Slice:
+        current = await self.get(slice_id)
+        require_owner(caller, current, "unbind from")
+
+        def work() -> tuple[Event, list[Slice]]:
+            return self._ledger.unbind(slice_id, pid, f"by {caller.name}"), self._ledger.live()
+
+        event, live = await self._run(work)
+        self._apply(live, [event])
+        return self._live.get(slice_id) or await self.get(slice_id)
+
+    # -- observing devices ----------------------------------------------------------------
+
+    async def observe_inventory(self, change: InventoryChange) -> None:
+        """Slices on a lost card go ``lost``; they come back when the card does."""
+        lost = [s.id for s in self._live.values() if s.device in change.lost]
+        back = [s.id for s in self._live.values() if s.device in change.returned]
+        if not lost and not back:
+            if change.added:
+                self._apply(list(self._live.values()), ())
+            return
+        for device_id in change.lost:
+            log.warning("device lost", device=device_id)
+        devices = self.inventory.devices
+
+        def work() -> tuple[list[Event], list[Slice]]:
+            events = self._ledger.set_lost(lost, True, "device lost") if lost else []
+            if back:
+                events += self._ledger.set_lost(back, False, "device returned")
+            for device_id in change.lost:
+                reason = devices[device_id].health_reason or "lost"
+                events.append(
+                    self._ledger.record_event(
+                        "device.lost", {"device": device_id, "reason": reason}
+                    )
+                )
+            for device_id in change.returned:
+                events.append(self._ledger.record_event("device.returned", {"device": device_id}))
+            return events, self._ledger.live()
+
+        events, live = await self._run(work)
+        self._apply(live, events)
+
+    async def observe_samples(self, samples: Mapping[str, DeviceSample]) -> None:
+        """Bind token-carrying processes, forget exited ones, account per-slice use."""
+        now = self.clock()
+        by_pid: dict[int, Slice] = {}
+        for s in self._live.values():
+            for p in s.processes:
+                by_pid[p.pid] = s
+        unsliced: dict[str, tuple[int, ...]] = {}
+        per_slice: dict[str, list[float]] = {}
+        unknown: list[tuple[str, int]] = []
+        for device_id, sample in samples.items():
+            loose = []
+            for proc in sample.processes:
+                owner = by_pid.get(proc.pid)
+                if owner is None:
+                    loose.append(proc.pid)
+                    unknown.append((device_id, proc.pid))
+                    continue
+                acc = per_slice.setdefault(owner.id, [0.0, 0.0])
+                acc[0] += proc.memory_mib or 0.0
+                acc[1] += proc.utilisation_pct or 0.0
+            unsliced[device_id] = tuple(loose)
+        for slice_id in self._live:
+            memory, compute = per_slice.get(slice_id, [0.0, 0.0])
+            old = self.usage.get(slice_id, SliceUsage())
+            active = old.last_active_at
+            if compute >= 1.0 or active is None:
+                active = now
+            self.usage[slice_id] = dataclasses.replace(
+                old, memory_used_mib=memory, compute_used_pct=compute, last_active_at=active
+            )
+        self.unsliced = unsliced
+        await self._auto_bind(unknown)
+        await self._prune_exited()
+
+    async def _auto_bind(self, unknown: Sequence[tuple[str, int]]) -> None:
+        for device_id, pid in unknown:
+            creds = await asyncio.to_thread(procs.slice_credentials, pid)
+            if creds is None:
+                continue
+            slice_ = self._live.get(creds[0])
+            if slice_ is None or slice_.token != creds[1] or slice_.device != device_id:
+                continue
+            try:
+                info = await asyncio.to_thread(procs.inspect, pid)
+                await self._bind(slice_.id, info.ref, "token")
+            except (NotFound, DoesNotFit) as exc:
+                log.debug("auto-bind skipped", pid=pid, reason=str(exc))
+
+    async def _prune_exited(self) -> None:
+        refs = [p for s in self._live.values() for p in s.processes]
+        if not refs:
+            return
+        alive = {(r.pid, r.start_time) for r in refs if procs.still_same(r)}
+        if len(alive) == len(refs):
+            return
+
+        def work() -> tuple[list[Event], list[Slice]]:
+            return self._ledger.prune_bindings(alive), self._ledger.live()
+
+        events, live = await self._run(work)
+        self._apply(live, events)
+
+    # -- enforcement bookkeeping ----------------------------------------------------------
+
+    async def mark_stopped(self, ref: ProcessRef, slice_id: str | None, stopped: bool) -> None:
+        await self._run(lambda: self._ledger.mark_stopped(ref, slice_id, stopped))
+
+    async def stopped_processes(self) -> list[tuple[ProcessRef, str | None]]:
+        return await self._run(self._ledger.stopped)

@@ -1,0 +1,197 @@
+"""Composition root: config → backends → ledger → core → enforcement → API, bus.
+
+One asyncio process; every subsystem is a named task of one task group, supervised so
+that a failure restarts it with backoff and never takes the local API down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from agent import __version__
+from agent import config as config_mod
+from agent.api.server import ApiServer, build_app
+from agent.backends.registry import create_backends
+from agent.config import Config
+from agent.core.events import EventHub
+from agent.core.inventory import Inventory
+from agent.core.pool import Pool, StandalonePool
+from agent.core.service import NodeService
+from agent.errors import ConfigError
+from agent.ledger.store import Ledger
+from agent.supervise import every, supervised
+from agent.systemd import Notifier, listen_fds
+
+log = structlog.get_logger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self.notifier = Notifier()
+        self.stop_requested = asyncio.Event()
+        self.restarts: dict[str, int] = {}
+        self._last_sample = time.monotonic()
+        self.service: NodeService | None = None
+        self.pool: Pool = StandalonePool()
+
+    # -- subsystems -----------------------------------------------------------------------
+
+    async def _sample_once(self, service: NodeService) -> None:
+        change = await service.inventory.sample(service.bound_pids())
+        if change.lost or change.returned:
+            await service.observe_inventory(change)
+        await service.observe_samples(service.inventory.samples)
+        self._last_sample = time.monotonic()
+
+    async def _sampler(self, service: NodeService) -> None:
+        await every(self.config.enforcement.interval_ms / 1000, lambda: self._sample_once(service))
+
+    async def _rediscover(self, service: NodeService) -> None:
+        async def step() -> None:
+            change = await service.inventory.discover()
+            await service.observe_inventory(change)
+
+        await asyncio.sleep(self.config.backends.rediscover_s)
+        await every(self.config.backends.rediscover_s, step)
+
+    async def _expiry(self, service: NodeService) -> None:
+        async def step() -> None:
+            for slice_id in await service.expire_due():
+                log.info("slice expired", slice=slice_id)
+            await service.forget_history()
+
+        await every(1.0, step)
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop, only while it is healthy: the loop runs (this
+        task is scheduled on time) and sampling is not stuck."""
+        period = (self.notifier.watchdog_s or 0) / 3
+        if period <= 0:
+            return
+        stuck_after = max(30.0, 20 * self.config.enforcement.interval_ms / 1000)
+        while True:
+            await asyncio.sleep(period)
+            if time.monotonic() - self._last_sample < stuck_after:
+                self.notifier.watchdog()
+            else:
+                log.error("sampling stuck; withholding watchdog")
+
+    async def _stop_waiter(self) -> None:
+        await self.stop_requested.wait()
+        raise _Stop
+
+    def _status_line(self, service: NodeService) -> str:
+        capacity, allocated = service.totals()
+        return (
+            f"{len(service.inventory.devices)} device(s), {allocated.slices} slice(s), "
+            f"{allocated.compute_pct}/{capacity.compute_pct} % compute allocated"
+        )
+
+    async def _status(self, service: NodeService) -> None:
+        async def step() -> None:
+            self.notifier.status(self._status_line(service))
+
+        await every(10.0, step)
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            if self._reload_config is not None:
+                new = self._reload_config()
+                restart_needed = [
+                    key
+                    for key in ("paths", "backends", "mqtt", "api", "node")
+                    if getattr(new, key) != getattr(self.config, key)
+                ]
+                if restart_needed:
+                    log.warning("reload: these sections need a restart", sections=restart_needed)
+                self.config = new
+                if self.service is not None:
+                    self.service.config = new
+                log.info("configuration reloaded")
+        except ConfigError as exc:
+            log.error("reload refused; keeping the running configuration", error=str(exc))
+        finally:
+            self.notifier.ready(status="reloaded")
+
+    # -- main -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        config = self.config
+        backends = create_backends(config)
+        inventory = Inventory(backends)
+        ledger = await asyncio.to_thread(Ledger, config.ledger_path)
+        service = NodeService(config, inventory, ledger, EventHub())
+        self.service = service
+        await service.open()
+        change = await inventory.discover()
+        await service.observe_inventory(change)
+        # Slices whose card is not here at all after a restart are lost until it returns.
+        missing = {s.device for s in service.live.values()} - set(inventory.devices)
+        if missing:
+            log.warning("slices on devices not found", devices=sorted(missing))
+        app = build_app(service, self.pool)
+        server = ApiServer(app)
+        inherited = listen_fds().get("api")
+        await server.start(Path(config.paths.socket), config.api.socket_group, inherited)
+        where = "systemd socket" if inherited is not None else config.paths.socket
+        log.info(
+            "xpu-agent ready",
+            version=__version__,
+            node=config.node_name,
+            socket=where,
+            devices=len(inventory.devices),
+            backends=[b.name for b in backends],
+        )
+        self.notifier.ready(status=self._status_line(service))
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {
+            "sampler": lambda: self._sampler(service),
+            "rediscovery": lambda: self._rediscover(service),
+            "expiry": lambda: self._expiry(service),
+            "watchdog": self._watchdog,
+            "status": lambda: self._status(service),
+        }
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, factory in tasks.items():
+                    group.create_task(supervised(name, factory, self.restarts), name=name)
+                group.create_task(self._stop_waiter(), name="stop")
+        except* _Stop:
+            pass
+        finally:
+            self.notifier.stopping()
+            log.info("stopping")
+            with contextlib.suppress(Exception):
+                await server.stop()
+            await inventory.close()
+            await service.close()
+            self.notifier.close()
+        log.info("stopped")
+        return 0
+
+
+def run_daemon(config: Config, config_path: Path | None, dev: bool) -> int:
+    def reload() -> Config:
+        fresh = config_mod.load(config_path)
+        return config_mod.with_dev_paths(fresh) if dev else fresh
+
+    return asyncio.run(Daemon(config, reload).run())

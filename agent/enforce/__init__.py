@@ -1,0 +1,1 @@
+"""Enforcement: pure policy (slices + samples → actions), thin actions, and the loop."""

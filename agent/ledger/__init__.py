@@ -1,0 +1,1 @@
+"""The slice ledger: durable leases (SQLite) and the pure placement that chooses cards."""

@@ -1,0 +1,414 @@
+"""The durable slice ledger on SQLite.
+
+Done the way zigpy's appdb does it: WAL, an integrity check at start, ``PRAGMA
+user_version`` migrations (one SQL file per version) applied in one transaction. Unlike a
+write-behind cache, every mutation commits (``synchronous=FULL``) before it returns, so an
+acknowledged slice survives ``kill -9``. Capacity is re-checked inside the writing
+transaction, so the ledger never holds more on a card than the card has.
+
+The store is synchronous and not thread-safe: the core owns it from one worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from agent.errors import BadRequest, DoesNotFit, NotFound, XpuError
+from agent.model import Event, ProcessRef, Slice, SliceRequest, SliceState
+
+LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
+EVENTS_KEPT = 10_000
+
+
+class LedgerCorruptError(XpuError):
+    title = "Ledger corrupt"
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("agent.ledger") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+SCHEMA_VERSION = max(v for v, _ in _migrations())
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCapacity:
+    """What the ledger must never exceed on one card."""
+
+    memory_mib: int
+    compute_pct: int = 100
+    max_slices: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    memory_mib: int
+    compute_pct: int
+    slices: int
+
+
+def new_slice_id() -> str:
+    return "s-" + secrets.token_hex(6)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._check_integrity()
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _check_integrity(self) -> None:
+        result = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        if result != "ok":
+            raise LedgerCorruptError(f"{self.path}: integrity check failed: {result}")
+
+    def _migrate(self) -> None:
+        current = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise LedgerCorruptError(
+                f"{self.path} has schema {current}, newer than this agent's {SCHEMA_VERSION}"
+            )
+        pending = [(v, sql) for v, sql in _migrations() if v > current]
+        if not pending:
+            return
+        with self._write():
+            for version, sql in pending:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {int(version)}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction: either all of it is durable or none of it is."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _row_to_slice(self, row: sqlite3.Row, processes: tuple[ProcessRef, ...]) -> Slice:
+        return Slice(
+            id=row["id"],
+            device=row["device"],
+            memory_mib=row["memory_mib"],
+            compute_pct=row["compute_pct"],
+            owner_uid=row["owner_uid"],
+            state=SliceState(row["state"]),
+            created_at=row["created_at"],
+            token=row["token"],
+            labels=json.loads(row["labels"]),
+            priority=row["priority"],
+            expires_at=row["expires_at"],
+            borrower=row["borrower"],
+            request_id=row["request_id"],
+            ended_at=row["ended_at"],
+            processes=processes,
+        )
+
+    def _slices(self, where: str, params: Iterable[object]) -> list[Slice]:
+        rows = self._db.execute(
+            f"SELECT * FROM slices WHERE {where} ORDER BY created_at, id",  # noqa: S608
+            tuple(params),
+        ).fetchall()
+        if not rows:
+            return []
+        ids = [r["id"] for r in rows]
+        marks = ",".join("?" * len(ids))
+        bound: dict[str, list[ProcessRef]] = {}
+        for b in self._db.execute(
+            f"SELECT * FROM bindings WHERE slice_id IN ({marks}) ORDER BY pid",  # noqa: S608
+            ids,
+        ):
+            bound.setdefault(b["slice_id"], []).append(ProcessRef(b["pid"], b["start_time"]))
+        return [self._row_to_slice(r, tuple(bound.get(r["id"], ()))) for r in rows]
+
+    def get(self, slice_id: str) -> Slice:
+        found = self._slices("id = ?", (slice_id,))
+        if not found:
+            raise NotFound(f"no slice {slice_id!r}")
+        return found[0]
+
+    def live(self) -> list[Slice]:
+        """Active and lost slices: the ones that hold capacity."""
+        return self._slices("state IN (?, ?)", LIVE_STATES)
+
+    def history(self, since: float) -> list[Slice]:
+        return self._slices("state NOT IN (?, ?) AND ended_at >= ?", (*LIVE_STATES, since))
+
+    def usage(self) -> dict[str, Usage]:
+        usage: dict[str, Usage] = {}
+        for row in self._db.execute(
+            "SELECT device, SUM(memory_mib), SUM(compute_pct), COUNT(*) FROM slices "
+            "WHERE state IN (?, ?) GROUP BY device",
+            LIVE_STATES,
+        ):
+            usage[row[0]] = Usage(int(row[1]), int(row[2]), int(row[3]))
+        return usage
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) "
+            "ORDER BY seq",
+            (after, limit),
+        ).fetchall()
+        return [
+            Event(r["seq"], r["ts"], r["kind"], json.loads(r["data"]), r["slice_id"]) for r in rows
+        ]
+
+    def stopped(self) -> list[tuple[ProcessRef, str | None]]:
+        return [
+            (ProcessRef(r["pid"], r["start_time"]), r["slice_id"])
+            for r in self._db.execute("SELECT * FROM stopped")
+        ]
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _event(
+        self, db: sqlite3.Connection, kind: str, slice_id: str | None, data: Mapping[str, object]
+    ) -> Event:
+        ts = time.time()
+        text = json.dumps(dict(data), sort_keys=True, default=str)
+        cur = db.execute(
+            "INSERT INTO events (ts, kind, slice_id, data) VALUES (?, ?, ?, ?)",
+            (ts, kind, slice_id, text),
+        )
+        seq = int(cur.lastrowid or 0)
+        if seq % 1000 == 0:
+            db.execute("DELETE FROM events WHERE seq <= ?", (seq - EVENTS_KEPT,))
+        return Event(seq, ts, kind, dict(data), slice_id)
+
+    def record_event(
+        self, kind: str, data: Mapping[str, object], slice_id: str | None = None
+    ) -> Event:
+        with self._write() as db:
+            return self._event(db, kind, slice_id, data)
+
+    def allocate(
+        self, device: str, capacity: DeviceCapacity, request: SliceRequest, now: float
+    ) -> tuple[Slice, Event | None]:
+        """Insert a slice on ``device`` if it still fits there; idempotent on request_id.
+
+        Returns the slice and the event written, or ``(existing, None)`` for a repeated
+        request_id.
+        """
+        with self._write() as db:
+            if request.request_id is not None:
+                row = db.execute(
+                    "SELECT id FROM slices WHERE owner_uid = ? AND request_id = ?",
+                    (request.owner_uid, request.request_id),
+                ).fetchone()
+                if row is not None:
+                    return self._slices("id = ?", (row[0],))[0], None
+            used = db.execute(
+                "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(compute_pct), 0), COUNT(*) "
+                "FROM slices WHERE device = ? AND state IN (?, ?)",
+                (device, *LIVE_STATES),
+            ).fetchone()
+            memory_free = capacity.memory_mib - used[0]
+            compute_free = capacity.compute_pct - used[1]
+            if (
+                used[2] >= capacity.max_slices
+                or request.memory_mib > memory_free
+                or request.compute_pct > compute_free
+            ):
+                raise DoesNotFit(
+                    f"does not fit on {device}: free {memory_free} MiB, {compute_free} % compute,"
+                    f" {capacity.max_slices - used[2]} slice(s)",
+                    device=device,
+                    memory_free_mib=memory_free,
+                    compute_free_pct=compute_free,
+                )
+            slice_id = new_slice_id()
+            expires_at = now + request.ttl_s if request.ttl_s else None
+            db.execute(
+                "INSERT INTO slices (id, device, memory_mib, compute_pct, owner_uid, state,"
+                " created_at, token, labels, priority, expires_at, borrower, request_id)"
+                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    slice_id,
+                    device,
+                    request.memory_mib,
+                    request.compute_pct,
+                    request.owner_uid,
+                    now,
+                    secrets.token_urlsafe(24),
+                    json.dumps(dict(request.labels), sort_keys=True),
+                    request.priority,
+                    expires_at,
+                    request.borrower,
+                    request.request_id,
+                ),
+            )
+            event = self._event(
+                db,
+                "slice.allocated",
+                slice_id,
+                {
+                    "device": device,
+                    "memory_mib": request.memory_mib,
+                    "compute_pct": request.compute_pct,
+                    "owner_uid": request.owner_uid,
+                    "borrower": request.borrower,
+                },
+            )
+        return self.get(slice_id), event
+
+    def end(self, slice_id: str, state: SliceState, reason: str, now: float) -> tuple[Slice, Event]:
+        """Release, expire or lose-forever a slice; its bindings go with it."""
+        if state is SliceState.ACTIVE:
+            raise BadRequest("ending a slice needs a final state")
+        with self._write() as db:
+            row = db.execute("SELECT state FROM slices WHERE id = ?", (slice_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no slice {slice_id!r}")
+            if row[0] not in LIVE_STATES:
+                raise NotFound(f"slice {slice_id!r} is already {row[0]}")
+            db.execute(
+                "UPDATE slices SET state = ?, ended_at = ? WHERE id = ?",
+                (state.value, now, slice_id),
+            )
+            db.execute("DELETE FROM bindings WHERE slice_id = ?", (slice_id,))
+            kind = {SliceState.RELEASED: "slice.released", SliceState.EXPIRED: "slice.expired"}
+            event = self._event(
+                db,
+                kind.get(state, "slice.ended"),
+                slice_id,
+                {"reason": reason, "state": state.value},
+            )
+        return self.get(slice_id), event
+
+    def set_lost(self, slice_ids: Iterable[str], lost: bool, reason: str) -> list[Event]:
+        """Mark slices lost while their card is gone (they keep their capacity) or back."""
+        events = []
+        old, new = ("active", "lost") if lost else ("lost", "active")
+        with self._write() as db:
+            for slice_id in slice_ids:
+                cur = db.execute(
+                    "UPDATE slices SET state = ? WHERE id = ? AND state = ?", (new, slice_id, old)
+                )
+                if cur.rowcount:
+                    kind = "slice.lost" if lost else "slice.recovered"
+                    events.append(self._event(db, kind, slice_id, {"reason": reason}))
+        return events
+
+    def expired(self, now: float) -> list[str]:
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM slices WHERE state = 'active' AND expires_at IS NOT NULL"
+                " AND expires_at <= ?",
+                (now,),
+            )
+        ]
+
+    def extend(self, slice_id: str, expires_at: float) -> Slice:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE slices SET expires_at = ? WHERE id = ? AND state = 'active'",
+                (expires_at, slice_id),
+            )
+            if not cur.rowcount:
+                raise NotFound(f"no active slice {slice_id!r}")
+            self._event(db, "slice.renewed", slice_id, {"expires_at": expires_at})
+        return self.get(slice_id)
+
+    def bind(self, slice_id: str, process: ProcessRef, how: str) -> Event | None:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM slices WHERE id = ?", (slice_id,)).fetchone()
+            if row is None or row[0] != "active":
+                raise NotFound(f"no active slice {slice_id!r}")
+            other = db.execute(
+                "SELECT slice_id FROM bindings WHERE pid = ? AND start_time = ?",
+                (process.pid, process.start_time),
+            ).fetchone()
+            if other is not None:
+                if other[0] == slice_id:
+                    return None
+                raise DoesNotFit(f"process {process.pid} is already bound to slice {other[0]}")
+            db.execute(
+                "INSERT INTO bindings (slice_id, pid, start_time) VALUES (?, ?, ?)",
+                (slice_id, process.pid, process.start_time),
+            )
+            return self._event(db, "process.bound", slice_id, {"pid": process.pid, "how": how})
+
+    def unbind(self, slice_id: str, pid: int, reason: str) -> Event:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM bindings WHERE slice_id = ? AND pid = ?", (slice_id, pid))
+            if not cur.rowcount:
+                raise NotFound(f"process {pid} is not bound to slice {slice_id!r}")
+            return self._event(db, "process.unbound", slice_id, {"pid": pid, "reason": reason})
+
+    def prune_bindings(self, alive: set[tuple[int, float]]) -> list[Event]:
+        """Forget bindings of processes that have exited."""
+        gone = [
+            (r["slice_id"], r["pid"], r["start_time"])
+            for r in self._db.execute("SELECT * FROM bindings")
+            if (r["pid"], r["start_time"]) not in alive
+        ]
+        if not gone:
+            return []
+        events = []
+        with self._write() as db:
+            for slice_id, pid, start_time in gone:
+                db.execute(
+                    "DELETE FROM bindings WHERE slice_id = ? AND pid = ? AND start_time = ?",
+                    (slice_id, pid, start_time),
+                )
+                events.append(self._event(db, "process.exited", slice_id, {"pid": pid}))
+        return events
+
+    def mark_stopped(self, process: ProcessRef, slice_id: str | None, stopped: bool) -> None:
+        with self._write() as db:
+            if stopped:
+                db.execute(
+                    "INSERT OR REPLACE INTO stopped (pid, start_time, slice_id, since)"
+                    " VALUES (?, ?, ?, ?)",
+                    (process.pid, process.start_time, slice_id, time.time()),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM stopped WHERE pid = ? AND start_time = ?",
+                    (process.pid, process.start_time),
+                )
+
+    def forget_history(self, before: float) -> int:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM slices WHERE state NOT IN (?, ?) AND ended_at < ?",
+                (*LIVE_STATES, before),
+            )
+            return cur.rowcount

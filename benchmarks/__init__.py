@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of the agent's own code (run as ``python -m benchmarks.<name>``)."""

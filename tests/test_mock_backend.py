@@ -1,0 +1,77 @@
+"""Mock semantics on real processes (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import psutil
+
+from agent.backends.mock import MockBackend
+from tests.harness import AgentProcess, spawn, wait_for
+
+HOLD_300_MIB = (
+    "import time\n"
+    "block = bytearray(300 * 1024 * 1024)\n"
+    "for i in range(0, len(block), 4096): block[i] = 1\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def stop(child: subprocess.Popen[bytes]) -> None:
+    child.kill()
+    child.wait()
+    if child.stdout is not None:
+        child.stdout.close()
+
+
+BUSY = "import time\nend = time.time() + 60\nwhile time.time() < end: pass\n"
+
+
+async def test_rss_is_card_memory_for_env_named_process() -> None:
+    backend = MockBackend([("M", 1024)] * 2)
+    child = spawn(HOLD_300_MIB, env={"XPU_DEVICE": "mock-1"}, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"ready"
+        samples = {s.device_id: s for s in await backend.sample({})}
+        assert samples["mock-0"].processes == ()
+        procs = {p.pid: p for p in samples["mock-1"].processes}
+        assert child.pid in procs
+        assert 290 <= (procs[child.pid].memory_mib or 0) <= 340
+        assert 290 <= (samples["mock-1"].memory_used_mib or 0) <= 340
+    finally:
+        stop(child)
+
+
+async def test_busy_loop_shows_about_100_percent() -> None:
+    backend = MockBackend([("M", 1024)])
+    child = spawn(BUSY)
+    try:
+        bound = {"mock-0": frozenset({child.pid})}
+        await backend.sample(bound)
+        await asyncio.sleep(1.0)
+        sample = (await backend.sample(bound))[0]
+        util = {p.pid: p.utilisation_pct for p in sample.processes}[child.pid]
+        assert util is not None and 80 <= util <= 110, util
+    finally:
+        stop(child)
+
+
+def test_daemon_reports_process_memory_on_its_card(agent: AgentProcess) -> None:
+    child = spawn(HOLD_300_MIB, env={"XPU_DEVICE": "mock-2"}, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+
+        def used() -> float:
+            _, device, _ = agent.api("GET", "/v1/devices/mock-2")
+            value: float = device["memory_used_mib"] or 0.0
+            return value if value > 250 else 0.0
+
+        assert 290 <= wait_for(used, 10) <= 340
+        _, device, _ = agent.api("GET", "/v1/devices/mock-2")
+        assert child.pid in device["unsliced_pids"]
+    finally:
+        stop(child)
+    assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() == "zombie"
