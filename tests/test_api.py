@@ -36,16 +36,21 @@ def test_unknown_device_is_a_404_problem(agent: AgentProcess) -> None:
 
 
 def test_unknown_route_and_method_are_problems(agent: AgentProcess) -> None:
-    status, problem, ctype = agent.api("GET", "/v1/nothing")
+    status, _, ctype = agent.api("GET", "/v1/nothing")
     assert status == 404 and ctype == "application/problem+json"
-    status, problem, ctype = agent.api("PUT", "/v1/node")
+    status, _, ctype = agent.api("PUT", "/v1/node")
     assert status == 405 and ctype == "application/problem+json"
 
 
 def test_malformed_bodies_get_400_never_500(agent: AgentProcess) -> None:
-    for raw in [b"{", b"[]", b'{"memory_mib": "lots", "compute_pct": 10}',
-                b'{"memory_mib": 10, "compute_pct": 10, "surprise": 1}', b'{"compute_pct": 10}',
-                b"\xff\xfe"]:
+    for raw in [
+        b"{",
+        b"[]",
+        b'{"memory_mib": "lots", "compute_pct": 10}',
+        b'{"memory_mib": 10, "compute_pct": 10, "surprise": 1}',
+        b'{"compute_pct": 10}',
+        b"\xff\xfe",
+    ]:
         status, problem, ctype = agent.api("POST", "/v1/slices", raw=raw)
         assert status == 400, (raw, problem)
         assert ctype == "application/problem+json"
@@ -53,7 +58,7 @@ def test_malformed_bodies_get_400_never_500(agent: AgentProcess) -> None:
 
 def test_oversized_body_is_413(agent: AgentProcess) -> None:
     big = b'{"labels": {"x": "' + b"a" * (70 * 1024) + b'"}}'
-    status, problem, ctype = agent.api("POST", "/v1/slices", raw=big)
+    status, _, ctype = agent.api("POST", "/v1/slices", raw=big)
     assert status == 413 and ctype == "application/problem+json"
 
 
