@@ -138,7 +138,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         config = self.config
         backends = create_backends(config)
-        inventory = Inventory(backends)
+        # A first npu-smi discovery may take two calls, each up to its own timeout.
+        inventory = Inventory(backends, sample_timeout_s=2 * config.backends.npu_smi.timeout_s + 5)
         ledger = await asyncio.to_thread(Ledger, config.ledger_path)
         service = NodeService(config, inventory, ledger, EventHub())
         self.service = service

@@ -1,0 +1,1 @@
+"""Huawei Ascend NPUs through the `npu-smi` command-line tool."""
