@@ -18,6 +18,7 @@ import structlog
 from agent import __version__
 from agent import config as config_mod
 from agent.api.server import ApiServer, build_app
+from agent.backends.hotplug import HotplugWatcher
 from agent.backends.registry import create_backends
 from agent.config import Config
 from agent.core.events import EventHub
@@ -66,6 +67,16 @@ class Daemon:
 
         await asyncio.sleep(self.config.backends.rediscover_s)
         await every(self.config.backends.rediscover_s, step)
+
+    async def _hotplug(self, service: NodeService) -> None:
+        """PCI add/remove/bind/unbind of NVIDIA/Ascend devices → re-discover now. Where udev
+        is unavailable (containers) this ends at once and periodic re-discovery covers it."""
+        async with HotplugWatcher() as watcher:
+            async for change in watcher.changes():
+                log.info("pci change", action=change.action, slot=change.pci_slot)
+                for backend in service.inventory.backends:
+                    backend.request_rescan()
+                await service.observe_inventory(await service.inventory.discover())
 
     async def _expiry(self, service: NodeService) -> None:
         async def step() -> None:
@@ -137,7 +148,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         config = self.config
-        backends = create_backends(config)
+        # Backend start-up may block (nvmlInit, probing npu-smi): keep it off the loop.
+        backends = await asyncio.to_thread(create_backends, config)
         # A first npu-smi discovery may take two calls, each up to its own timeout.
         inventory = Inventory(backends, sample_timeout_s=2 * config.backends.npu_smi.timeout_s + 5)
         ledger = await asyncio.to_thread(Ledger, config.ledger_path)
@@ -167,6 +179,7 @@ class Daemon:
         tasks: dict[str, Callable[[], Awaitable[None]]] = {
             "sampler": lambda: self._sampler(service),
             "rediscovery": lambda: self._rediscover(service),
+            "hotplug": lambda: self._hotplug(service),
             "expiry": lambda: self._expiry(service),
             "watchdog": self._watchdog,
             "status": lambda: self._status(service),

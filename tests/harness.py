@@ -222,5 +222,3 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05) 
 def spawn(code: str, env: Mapping[str, str] | None = None, **kw: Any) -> subprocess.Popen[bytes]:
     """A real child Python process running ``code``."""
     return subprocess.Popen([PY, "-c", code], env={**os.environ, **(env or {})}, **kw)
-
-

@@ -15,18 +15,33 @@ from tests.harness import agent_env
 BAD = [
     ("unknown key", "version = 1\n[node]\nnmae = 'x'\n", "node.nmae: unknown key"),
     ("unknown section", "version = 1\n[bogus]\nx = 1\n", "bogus: unknown key"),
-    ("wrong type", "version = 1\n[enforcement]\ninterval_ms = 'fast'\n",
-     "enforcement.interval_ms: Expected 'int', got 'str'"),
-    ("bad enum", "version = 1\n[enforcement]\nmemory_action = 'nuke'\n",
-     "enforcement.memory_action: Invalid enum value 'nuke'"),
-    ("bad size", "version = 1\n[backends.mock]\ndevices = [{ memory_mib = '12XB' }]\n",
-     "backends.mock.devices[0].memory_mib: '12XB' is not"),
-    ("bad step", "version = 1\n[slicing]\ncompute_step_pct = 7\n",
-     "slicing.compute_step_pct: 7 must be 1..100 and divide 100"),
+    (
+        "wrong type",
+        "version = 1\n[enforcement]\ninterval_ms = 'fast'\n",
+        "enforcement.interval_ms: Expected 'int', got 'str'",
+    ),
+    (
+        "bad enum",
+        "version = 1\n[enforcement]\nmemory_action = 'nuke'\n",
+        "enforcement.memory_action: Invalid enum value 'nuke'",
+    ),
+    (
+        "bad size",
+        "version = 1\n[backends.mock]\ndevices = [{ memory_mib = '12XB' }]\n",
+        "backends.mock.devices[0].memory_mib: '12XB' is not",
+    ),
+    (
+        "bad step",
+        "version = 1\n[slicing]\ncompute_step_pct = 7\n",
+        "slicing.compute_step_pct: 7 must be 1..100 and divide 100",
+    ),
     ("unknown version", "version = 2\n", "version: unknown version 2"),
     ("no version", "[node]\nname = 'a'\n", "version: required"),
-    ("bad backend", "version = 1\n[backends]\nenabled = ['cuda']\n",
-     "backends.enabled[0]: Invalid enum value 'cuda'"),
+    (
+        "bad backend",
+        "version = 1\n[backends]\nenabled = ['cuda']\n",
+        "backends.enabled[0]: Invalid enum value 'cuda'",
+    ),
     ("bad url", "version = 1\n[mqtt]\nurl = 'http://broker'\n", "mqtt.url:"),
     ("not toml", "version = = 1\n", "not valid TOML"),
 ]
@@ -47,7 +62,11 @@ def test_daemon_exits_2_with_one_line(tmp_path: Path, name: str, text: str, mess
     path.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "agent.cli.daemon_main", "--config", str(path)],
-        capture_output=True, text=True, timeout=30, env=agent_env(), check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=agent_env(),
+        check=False,
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "config error" in line]
@@ -75,7 +94,9 @@ def test_dev_paths_go_under_dot_run(tmp_path: Path) -> None:
 
 def test_mock_cards_parse_sizes() -> None:
     config = config_mod.from_mapping(
-        {"version": 1, "backends": {"mock": {"devices": [{"model": "X", "memory_mib": "8GiB",
-                                                           "count": 2}]}}}
+        {
+            "version": 1,
+            "backends": {"mock": {"devices": [{"model": "X", "memory_mib": "8GiB", "count": 2}]}},
+        }
     )
     assert [(c.model, c.memory_mib) for c in config_mod.mock_cards(config)] == [("X", 8192)] * 2

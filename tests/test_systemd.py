@@ -96,16 +96,31 @@ def test_watchdog_pid_for_another_process_is_ignored() -> None:
     assert own.watchdog_s == 1.0
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
-                    reason="systemd-socket-activate not installed (make deps)")
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="systemd-socket-activate not installed (make deps)",
+)
 def test_socket_activation_through_systemd_socket_activate(agent_factory: object) -> None:
     agent = agent_factory(start=False)  # type: ignore[operator]
     listen = agent.dir / "activated.sock"
     log = open(agent.log_path, "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", str(listen), "--fdname=api", "-E", "PYTHONPATH",
-         sys.executable, "-m", "agent.cli.daemon_main", "--config", str(agent.config_path)],
-        env={**agent.env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(listen),
+            "--fdname=api",
+            "-E",
+            "PYTHONPATH",
+            sys.executable,
+            "-m",
+            "agent.cli.daemon_main",
+            "--config",
+            str(agent.config_path),
+        ],
+        env={**agent.env, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         # systemd-socket-activate starts the agent on the first connection.
@@ -143,7 +158,9 @@ def test_units_verify_clean(tmp_path: Path) -> None:
     units = _units_for_verify(tmp_path)
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *map(str, units)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
     )
     noise = [line for line in result.stderr.splitlines() if "xpu-agent" in line]
@@ -156,7 +173,9 @@ def test_service_security_exposure_at_most_4(tmp_path: Path) -> None:
     service = _units_for_verify(tmp_path)[0]
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", str(service)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-500:] + result.stderr
@@ -165,11 +184,19 @@ def test_service_security_exposure_at_most_4(tmp_path: Path) -> None:
 
 def test_service_contract() -> None:
     text = "\n".join(
-        line for line in (UNITS / "xpu-agent.service").read_text().splitlines()
+        line
+        for line in (UNITS / "xpu-agent.service").read_text().splitlines()
         if not line.startswith("#")
     )
-    for required in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=",
-                     "DevicePolicy=closed", "AF_NETLINK", "CAP_KILL", "ProtectSystem=strict"):
+    for required in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=",
+        "DevicePolicy=closed",
+        "AF_NETLINK",
+        "CAP_KILL",
+        "ProtectSystem=strict",
+    ):
         assert required in text
     for forbidden in ("PrivateDevices=", "ProtectProc=", "Type=notify-reload"):
         assert forbidden not in text

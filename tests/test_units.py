@@ -5,8 +5,16 @@ from agent.units import parse_compute_pct, parse_duration_s, parse_size_mib
 
 @pytest.mark.parametrize(
     ("text", "mib"),
-    [("512MiB", 512), ("8GiB", 8192), ("8G", 8192), ("8gb", 8192), ("1TiB", 1048576),
-     ("4096", 4096), (" 1.5GiB ", 1536), (300, 300)],
+    [
+        ("512MiB", 512),
+        ("8GiB", 8192),
+        ("8G", 8192),
+        ("8gb", 8192),
+        ("1TiB", 1048576),
+        ("4096", 4096),
+        (" 1.5GiB ", 1536),
+        (300, 300),
+    ],
 )
 def test_sizes(text: str | int, mib: int) -> None:
     assert parse_size_mib(text) == mib
@@ -29,8 +37,9 @@ def test_bad_compute(text: str) -> None:
         parse_compute_pct(text)
 
 
-@pytest.mark.parametrize(("text", "s"), [("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600),
-                                         ("2d", 172800)])
+@pytest.mark.parametrize(
+    ("text", "s"), [("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600), ("2d", 172800)]
+)
 def test_durations(text: str, s: float) -> None:
     assert parse_duration_s(text) == s
 

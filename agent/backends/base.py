@@ -30,6 +30,9 @@ class Backend(abc.ABC):
         that cannot see device processes by themselves (the mock) use it to find them.
         """
 
+    def request_rescan(self) -> None:  # noqa: B027 - optional hook
+        """Re-enumerate devices on the next ``discover()`` (a PCI device came or went)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release handles (NVML shutdown, threads)."""
 
