@@ -1,0 +1,109 @@
+"""The SQLite ledger: schema versioning, capacity checks in the writing transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.errors import DoesNotFit, NotFound
+from agent.ledger import store
+from agent.ledger.store import DeviceCapacity, Ledger, LedgerCorruptError
+from agent.model import ProcessRef, SliceRequest, SliceState
+
+CAP = DeviceCapacity(memory_mib=1000, compute_pct=100, max_slices=3)
+
+
+def req(memory: int = 100, compute: int = 10, **kw: object) -> SliceRequest:
+    return SliceRequest(memory_mib=memory, compute_pct=compute, owner_uid=1000, **kw)  # type: ignore[arg-type]
+
+
+def test_code_schema_is_newest_migration(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.schema_version == store.SCHEMA_VERSION == max(v for v, _ in store._migrations())
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    ledger.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerCorruptError, match="newer"):
+        Ledger(path)
+
+
+def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    path.write_bytes(b"SQLite format 3\x00" + b"\x01" * 4000)
+    with pytest.raises((LedgerCorruptError, sqlite3.DatabaseError)):
+        Ledger(path)
+
+
+def test_capacity_is_checked_in_the_transaction(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    now = time.time()
+    ledger.allocate("d0", CAP, req(600, 50), now)
+    with pytest.raises(DoesNotFit, match="free 400 MiB"):
+        ledger.allocate("d0", CAP, req(500, 10), now)
+    with pytest.raises(DoesNotFit):
+        ledger.allocate("d0", CAP, req(100, 60), now)
+    ledger.allocate("d0", CAP, req(100, 10), now)
+    ledger.allocate("d0", CAP, req(100, 10), now)
+    with pytest.raises(DoesNotFit, match="0 slice"):
+        ledger.allocate("d0", CAP, req(10, 1), now)
+    assert ledger.usage()["d0"].slices == 3
+    ledger.close()
+
+
+def test_request_id_returns_the_same_slice(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    first, event = ledger.allocate("d0", CAP, req(request_id="k"), time.time())
+    again, none = ledger.allocate("d0", CAP, req(request_id="k"), time.time())
+    assert event is not None and none is None and again.id == first.id
+    other = SliceRequest(memory_mib=100, compute_pct=10, owner_uid=1001, request_id="k")
+    assert ledger.allocate("d0", CAP, other, time.time())[0].id != first.id
+    ledger.close()
+
+
+def test_end_bind_expire_and_lost(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    now = time.time()
+    s, _ = ledger.allocate("d0", CAP, req(ttl_s=5), now)
+    ref = ProcessRef(12345, 1.0)
+    assert ledger.bind(s.id, ref, "api") is not None
+    assert ledger.bind(s.id, ref, "api") is None  # already bound: no second event
+    assert ledger.get(s.id).processes == (ref,)
+    assert ledger.expired(now + 1) == []
+    assert ledger.expired(now + 6) == [s.id]
+    assert [e.kind for e in ledger.set_lost([s.id], True, "gone")] == ["slice.lost"]
+    assert ledger.get(s.id).state is SliceState.LOST
+    assert ledger.usage()["d0"].slices == 1  # a lost slice keeps its capacity
+    ledger.set_lost([s.id], False, "back")
+    ended, event = ledger.end(s.id, SliceState.EXPIRED, "ttl", now + 6)
+    assert ended.state is SliceState.EXPIRED and ended.processes == ()
+    assert event.kind == "slice.expired"
+    with pytest.raises(NotFound, match="already expired"):
+        ledger.end(s.id, SliceState.RELEASED, "again", now + 7)
+    assert [h.id for h in ledger.history(now)] == [s.id]
+    assert ledger.forget_history(now + 100) == 1
+    ledger.close()
+
+
+def test_stopped_processes_are_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    ledger.mark_stopped(ProcessRef(42, 2.5), "s-x", True)
+    ledger.close()
+    reopened = Ledger(path)
+    assert reopened.stopped() == [(ProcessRef(42, 2.5), "s-x")]
+    reopened.mark_stopped(ProcessRef(42, 2.5), None, False)
+    assert reopened.stopped() == []
+    reopened.close()
