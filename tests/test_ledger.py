@@ -107,3 +107,35 @@ def test_stopped_processes_are_remembered(tmp_path: Path) -> None:
     reopened.mark_stopped(ProcessRef(42, 2.5), None, False)
     assert reopened.stopped() == []
     reopened.close()
+
+
+async def test_group_commit_isolates_a_failing_call(tmp_path: Path) -> None:
+    """Calls queued together share one COMMIT; one that fails is undone alone."""
+    import asyncio
+
+    from agent.ledger.worker import LedgerWorker
+
+    path = tmp_path / "l.sqlite"
+    worker = LedgerWorker(Ledger(path))
+
+    def make(memory: int) -> object:
+        def call() -> object:
+            ledger = worker._ledger
+            return ledger.allocate("d0", CAP, req(memory), time.time())[0].id
+
+        return call
+
+    def broken() -> object:
+        worker._ledger.record_event("half", {})
+        raise RuntimeError("fails after writing")
+
+    futures = [worker.submit(make(100)), worker.submit(broken), worker.submit(make(200)),
+               worker.submit(make(5000))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[3], DoesNotFit)
+    worker.close()
+    reopened = Ledger(path)
+    assert sorted(s.memory_mib for s in reopened.live()) == [100, 200]
+    assert [e.kind for e in reopened.events()] == ["slice.allocated", "slice.allocated"]
+    reopened.close()

@@ -8,13 +8,29 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tabulate import tabulate
+from texttable import Texttable
 
 from agent.units import format_mib
 
 
+def _draw(rows: list[Sequence[Any]], headers: Sequence[str] | None) -> str:
+    # texttable rather than tabulate: tabulate imports importlib.metadata (~25 ms), which
+    # alone would double xpuctl's start-up time.
+    width = len(headers) if headers else max((len(r) for r in rows), default=1)
+    drawer = Texttable(max_width=0)
+    drawer.set_deco(Texttable.HEADER if headers else 0)
+    drawer.set_cols_dtype(["t"] * width)
+    drawer.set_cols_align(["l"] * width)
+    drawer.set_header_align(["l"] * width)
+    drawer.set_chars(["-", "|", "+", "-"])
+    if headers:
+        drawer.header([str(h) for h in headers])
+    drawer.add_rows([[str(c) for c in row] for row in rows], header=False)
+    return str(drawer.draw())
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    return tabulate(list(rows), headers=list(headers), tablefmt="simple", disable_numparse=True)
+    return _draw(list(rows), headers)
 
 
 def emit_json(data: Any) -> None:
@@ -67,7 +83,7 @@ def status_text(node: dict[str, Any]) -> str:
         ("free", f"{mib(free['memory_mib'])}, {free['compute_pct']}% compute"),
         ("lendable", f"{mib(idle['memory_mib'])}, {idle['compute_pct']}% compute"),
     ]
-    return tabulate(rows, tablefmt="plain")
+    return _draw(list(rows), None)
 
 
 def devices_text(devices: list[dict[str, Any]]) -> str:
@@ -85,7 +101,32 @@ def devices_text(devices: list[dict[str, Any]]) -> str:
                 d["health"] + (f": {d['health_reason']}" if d["health_reason"] else ""),
             )
         )
-    return table(("ID", "MODEL", "MEMORY USED/TOTAL", "UTIL", "SLICES", "HEALTH"), rows)
+    text = table(("ID", "MODEL", "MEMORY USED/TOTAL", "UTIL", "SLICES", "HEALTH"), rows)
+    slices = [s for d in devices for s in d["slices"]]
+    return text + ("\n\n" + slice_usage_text(slices) if slices else "")
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
+def slice_usage_text(slices: list[dict[str, Any]]) -> str:
+    """Per slice: what it uses against its limits, and what the enforcer did."""
+    rows = []
+    for s in slices:
+        usage = s.get("usage") or {}
+        rows.append(
+            (
+                s["id"],
+                s["device"],
+                f"{mib(usage.get('memory_used_mib'))} / {mib(s['memory_mib'])}",
+                f"{pct(usage.get('compute_used_pct'))} / {s['compute_pct']}%",
+                _yes_no(usage.get("throttled")),
+                usage.get("last_action") or "-",
+            )
+        )
+    headers = ("SLICE", "DEVICE", "MEMORY USED/LIMIT", "COMPUTE USED/QUOTA", "THROTTLED")
+    return table((*headers, "LAST ACTION"), rows)
 
 
 def slices_text(slices: list[dict[str, Any]]) -> str:
@@ -102,6 +143,8 @@ def slices_text(slices: list[dict[str, Any]]) -> str:
                 s["state"] + (" (throttled)" if usage.get("throttled") else ""),
                 mib(usage.get("memory_used_mib")) if usage else "-",
                 pct(usage.get("compute_used_pct")) if usage else "-",
+                _yes_no(usage.get("throttled")) if usage else "-",
+                usage.get("last_action") or "-",
                 ",".join(str(p["pid"]) for p in s["processes"]) or "-",
                 ago(s["expires_at"]),
                 s["borrower"] or "",
@@ -116,6 +159,8 @@ def slices_text(slices: list[dict[str, Any]]) -> str:
         "STATE",
         "MEM USED",
         "UTIL",
+        "THROTTLED",
+        "LAST ACTION",
         "PIDS",
         "EXPIRES",
         "BORROWER",
@@ -150,6 +195,22 @@ def pool_text(peers: list[dict[str, Any]]) -> str:
             )
         )
     return table(("NODE", "STATE", "DEVICES", "FREE (MEM/COMPUTE)", "LENDABLE", "AGE"), rows)
+
+
+def leases_text(leases: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            lease["slice_id"],
+            lease["lender"],
+            lease["device"],
+            mib(lease["memory_mib"]),
+            f"{lease['compute_pct']}%",
+            ago(lease["expires_at"]),
+            "-" if lease.get("owner_uid") is None else lease["owner_uid"],
+        )
+        for lease in leases
+    ]
+    return table(("LEASE", "LENDER", "DEVICE", "MEMORY", "COMPUTE", "EXPIRES", "UID"), rows)
 
 
 def candidates_text(candidates: list[dict[str, Any]]) -> str:

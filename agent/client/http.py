@@ -11,15 +11,13 @@ import http.client
 import json
 import os
 import socket
-import tomllib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 DEFAULT_SOCKET = "/run/xpu-agent/agent.sock"
-DEV_SOCKET = Path(".run/agent.sock")
+DEV_SOCKET = ".run/agent.sock"
 #: Where the packaged ``xpu-agent.socket`` unit listens (outside RuntimeDirectory=).
-ACTIVATED_SOCKET = Path("/run/xpu-agent.sock")
+ACTIVATED_SOCKET = "/run/xpu-agent.sock"
 DEFAULT_CONFIG = "/etc/xpu-agent/agent.toml"
 
 
@@ -73,15 +71,18 @@ def resolve_socket(explicit: str | None) -> str:
         return from_env
     configured = DEFAULT_SOCKET
     config_path = os.environ.get("XPU_AGENT_CONFIG", DEFAULT_CONFIG)
-    try:
-        with open(config_path, "rb") as handle:
-            configured = tomllib.load(handle).get("paths", {}).get("socket", configured)
-    except (OSError, tomllib.TOMLDecodeError):
-        pass
-    if not Path(configured).exists():
+    if os.path.exists(config_path):
+        import tomllib  # noqa: PLC0415 - only when there is a config to read
+
+        try:
+            with open(config_path, "rb") as handle:
+                configured = tomllib.load(handle).get("paths", {}).get("socket", configured)
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    if not os.path.exists(configured):
         for fallback in (ACTIVATED_SOCKET, DEV_SOCKET):
-            if fallback.exists():
-                return str(fallback.resolve())
+            if os.path.exists(fallback):
+                return os.path.abspath(fallback)
     return str(configured)
 
 

@@ -8,17 +8,18 @@ and keeps an in-memory copy of the live slices for fast reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 
 from agent.config import Config
-from agent.core import procs
+from agent.core import preempt, procs
 from agent.core.caller import Caller, require_owner, require_process_owner
 from agent.core.events import EventHub
 from agent.core.inventory import Inventory, InventoryChange
@@ -26,6 +27,7 @@ from agent.core.slice_env import slice_environment
 from agent.errors import BadRequest, DoesNotFit, NotFound
 from agent.ledger import placement
 from agent.ledger.store import DeviceCapacity, Ledger
+from agent.ledger.worker import LedgerWorker
 from agent.model import (
     Device,
     DeviceSample,
@@ -74,7 +76,7 @@ class NodeService:
         self.clock = clock
         self.started_at = clock()
         self._ledger = ledger
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._worker = LedgerWorker(ledger)
         self._live: dict[str, Slice] = {}
         self.usage: dict[str, SliceUsage] = {}
         self.unsliced: dict[str, tuple[int, ...]] = {}
@@ -83,10 +85,10 @@ class NodeService:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the ledger thread. Shielded: once started, a write completes even
-        if the request that asked for it is cancelled, so the cache stays true."""
-        loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._executor, fn))
+        """Run ``fn`` on the ledger thread (group-committed with whatever else is queued).
+        Shielded: once queued, a write completes even if the request that asked for it is
+        cancelled, so the cache stays true."""
+        return await asyncio.shield(self._worker.submit(fn))
 
     def _refresh(self) -> list[Slice]:
         """Ledger thread: reload the live slices after a mutation."""
@@ -94,6 +96,24 @@ class NodeService:
 
     def _apply(self, live: list[Slice], events: Iterable[Event | None]) -> None:
         self._live = {s.id: s for s in live}
+        self._publish(events)
+
+    def _apply_delta(
+        self,
+        upsert: Iterable[Slice] = (),
+        remove: Iterable[str] = (),
+        events: Iterable[Event | None] = (),
+    ) -> None:
+        """The hot paths (allocate, release) change one slice: update the cache in place
+        instead of reloading every live slice. Ledger results settle on the loop in the
+        order the ledger ran them, so deltas and full reloads apply in that order."""
+        for slice_ in upsert:
+            self._live[slice_.id] = slice_
+        for slice_id in remove:
+            self._live.pop(slice_id, None)
+        self._publish(events)
+
+    def _publish(self, events: Iterable[Event | None]) -> None:
         real = [e for e in events if e is not None]
         if real:
             self.hub.publish(real)
@@ -109,8 +129,7 @@ class NodeService:
         self._apply(live, ())
 
     async def close(self) -> None:
-        await self._run(self._ledger.close)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._worker.close)
 
     async def record(
         self, kind: str, data: Mapping[str, object], slice_id: str | None = None
@@ -220,7 +239,7 @@ class NodeService:
         policy = self.config.slicing.placement
         states = self.card_states()
 
-        def work() -> tuple[Slice, Event | None, list[Slice]]:
+        def work() -> tuple[Slice, Event | None]:
             demand = placement.Demand(request.memory_mib, request.compute_pct)
             pool = [c for c in states if request.device in (None, c.id)]
             ranked = placement.rank(pool, demand, policy)
@@ -237,7 +256,7 @@ class NodeService:
                 except DoesNotFit as exc:
                     last = exc
                     continue
-                return slice_, event, self._ledger.live()
+                return slice_, event
             assert last is not None
             raise last
 
@@ -253,11 +272,34 @@ class NodeService:
             )
             if existing is not None:
                 return existing, False
-        slice_, event, live = await self._run(work)
-        self._apply(live, [event])
+        try:
+            slice_, event = await self._run(work)
+        except DoesNotFit:
+            # Local requests come first: lent slices are preemptible (DESIGN.md §6).
+            if request.borrower is not None or not await self._reclaim_lent(request, policy):
+                raise
+            states = self.card_states()
+            slice_, event = await self._run(work)
+        self._apply_delta(upsert=[slice_], events=[event])
         if event is not None:
-            log.info("slice allocated", slice=slice_.id, device=slice_.device, uid=caller.uid)
+            log.debug("slice allocated", slice=slice_.id, device=slice_.device, uid=caller.uid)
         return slice_, event is not None
+
+    async def _reclaim_lent(self, request: SliceRequest, policy: placement.Policy) -> bool:
+        """End the lent slices (lowest priority first) that make ``request`` fit; False
+        when reclaiming cannot help. The lender tells the borrowers (agent.bus.lending)."""
+        demand = placement.Demand(request.memory_mib, request.compute_pct)
+        victims = preempt.plan(
+            self.card_states(), self._live.values(), demand, policy, request.device
+        )
+        agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
+        for slice_id in victims:
+            borrower = self._live[slice_id].borrower
+            why = f"reclaimed from {borrower} for a local allocation"
+            with contextlib.suppress(NotFound):
+                await self.release(agent, slice_id, SliceState.RELEASED, why)
+                log.info("lent slice reclaimed", slice=slice_id, borrower=borrower)
+        return bool(victims)
 
     def _refusal(self, states: Sequence[placement.CardState], request: SliceRequest) -> DoesNotFit:
         usable = [c for c in states if c.healthy]
@@ -288,14 +330,10 @@ class NodeService:
         why = reason or f"released by {caller.name}"
         now = self.clock()
 
-        def work() -> tuple[Slice, Event, list[Slice]]:
-            ended, event = self._ledger.end(slice_id, state, why, now)
-            return ended, event, self._ledger.live()
-
-        ended, event, live = await self._run(work)
-        self._apply(live, [event])
+        ended, event = await self._run(lambda: self._ledger.end(slice_id, state, why, now))
+        self._apply_delta(remove=[slice_id], events=[event])
         self.usage.pop(slice_id, None)
-        log.info("slice ended", slice=slice_id, state=state.value, reason=why)
+        log.debug("slice ended", slice=slice_id, state=state.value, reason=why)
         return ended
 
     async def renew(self, slice_id: str, ttl_s: float) -> Slice:

@@ -25,6 +25,9 @@ from agent.errors import BadRequest, DoesNotFit, NotFound, XpuError
 from agent.model import Event, ProcessRef, Slice, SliceRequest, SliceState
 
 LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
+#: Written out, not bound: SQLite uses the partial index ``slices_live`` only when a query's
+#: WHERE literally implies the index's WHERE, and a bound parameter does not.
+LIVE_SQL = "state IN ('active', 'lost')"
 EVENTS_KEPT = 10_000
 
 
@@ -70,6 +73,7 @@ class Ledger:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        self._savepoints = 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -109,10 +113,44 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One immediate transaction: either all of it is durable or none of it is."""
+        """One immediate transaction: either all of it is durable or none of it is.
+
+        Inside :meth:`batch` it is a savepoint of the batch's transaction instead."""
+        if self._db.in_transaction:
+            with self.savepoint():
+                yield self._db
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit inside the current transaction; undone alone on error."""
+        if not self._db.in_transaction:
+            yield
+            return
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self._db.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._db.execute(f"ROLLBACK TO {name}")
+            self._db.execute(f"RELEASE {name}")
+            raise
+        self._db.execute(f"RELEASE {name}")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: everything inside is made durable by one COMMIT."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -164,7 +202,7 @@ class Ledger:
 
     def live(self) -> list[Slice]:
         """Active and lost slices: the ones that hold capacity."""
-        return self._slices("state IN (?, ?)", LIVE_STATES)
+        return self._slices(LIVE_SQL, ())
 
     def history(self, since: float) -> list[Slice]:
         return self._slices("state NOT IN (?, ?) AND ended_at >= ?", (*LIVE_STATES, since))
@@ -172,9 +210,8 @@ class Ledger:
     def usage(self) -> dict[str, Usage]:
         usage: dict[str, Usage] = {}
         for row in self._db.execute(
-            "SELECT device, SUM(memory_mib), SUM(compute_pct), COUNT(*) FROM slices "
-            "WHERE state IN (?, ?) GROUP BY device",
-            LIVE_STATES,
+            "SELECT device, SUM(memory_mib), SUM(compute_pct), COUNT(*) FROM slices "  # noqa: S608
+            f"WHERE {LIVE_SQL} GROUP BY device",
         ):
             usage[row[0]] = Usage(int(row[1]), int(row[2]), int(row[3]))
         return usage
@@ -234,9 +271,9 @@ class Ledger:
                 if row is not None:
                     return self._slices("id = ?", (row[0],))[0], None
             used = db.execute(
-                "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(compute_pct), 0), COUNT(*) "
-                "FROM slices WHERE device = ? AND state IN (?, ?)",
-                (device, *LIVE_STATES),
+                "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(compute_pct), 0), COUNT(*) "  # noqa: S608
+                f"FROM slices WHERE device = ? AND {LIVE_SQL}",
+                (device,),
             ).fetchone()
             memory_free = capacity.memory_mib - used[0]
             compute_free = capacity.compute_pct - used[1]
