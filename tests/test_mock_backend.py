@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 
 import psutil
 
@@ -36,11 +37,11 @@ async def test_rss_is_card_memory_for_env_named_process() -> None:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == b"ready"
         samples = {s.device_id: s for s in await backend.sample({})}
-        assert samples["mock-0"].processes == ()
+        assert child.pid not in {p.pid for p in samples["mock-0"].processes}
         procs = {p.pid: p for p in samples["mock-1"].processes}
         assert child.pid in procs
         assert 290 <= (procs[child.pid].memory_mib or 0) <= 340
-        assert 290 <= (samples["mock-1"].memory_used_mib or 0) <= 340
+        assert (samples["mock-1"].memory_used_mib or 0) >= 290
     finally:
         stop(child)
 
@@ -50,11 +51,18 @@ async def test_busy_loop_shows_about_100_percent() -> None:
     child = spawn(BUSY)
     try:
         bound = {"mock-0": frozenset({child.pid})}
+        proc = psutil.Process(child.pid)
+        await asyncio.sleep(0.3)
         await backend.sample(bound)
+        before, t0 = proc.cpu_times(), time.monotonic()
         await asyncio.sleep(1.0)
         sample = (await backend.sample(bound))[0]
+        after, t1 = proc.cpu_times(), time.monotonic()
         util = {p.pid: p.utilisation_pct for p in sample.processes}[child.pid]
-        assert util is not None and 80 <= util <= 110, util
+        # Ground truth from /proc over the same window (on an idle machine: ~100 %).
+        truth = 100 * ((after.user + after.system) - (before.user + before.system)) / (t1 - t0)
+        assert truth > 40, f"the child did not get the CPU ({truth:.0f} %)"
+        assert util is not None and abs(util - truth) < 12, (util, truth)
     finally:
         stop(child)
 
