@@ -222,3 +222,13 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05) 
 def spawn(code: str, env: Mapping[str, str] | None = None, **kw: Any) -> subprocess.Popen[bytes]:
     """A real child Python process running ``code``."""
     return subprocess.Popen([PY, "-c", code], env={**os.environ, **(env or {})}, **kw)
+
+
+def xpuctl_popen(socket_path: Path | str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """A long-running ``xpuctl`` (``run``, ``events --follow``) to interact with."""
+    return subprocess.Popen(
+        [PY, "-m", "agent.cli.xpuctl", "--socket", str(socket_path), *args],
+        text=True,
+        env={**agent_env(), "PYTHONPATH": str(REPO)},
+        **popen,
+    )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
-from tests.harness import PY, REPO, AgentProcess, agent_env, json_out, spawn, wait_for
+from tests.harness import PY, AgentProcess, json_out, spawn, wait_for, xpuctl, xpuctl_popen
 
 
 def alloc(agent: AgentProcess, *args: str) -> dict[str, object]:
@@ -138,13 +137,23 @@ def test_run_reuses_slice_and_keeps_it(agent: AgentProcess) -> None:
 
 
 def test_run_forwards_sigterm_and_reports_signal(agent: AgentProcess) -> None:
-    script = ("import signal, sys, time\n"
-              "signal.signal(signal.SIGTERM, lambda *a: (print('got term', flush=True), "
-              "sys.exit(3)))\nprint('started', flush=True)\ntime.sleep(30)\n")
-    proc = subprocess.Popen(
-        [PY, "-m", "agent.cli.xpuctl", "--socket", str(agent.socket), "run", "--memory", "512",
-         "--compute", "10", "--", PY, "-c", script],
-        stdout=subprocess.PIPE, text=True, env={**agent_env(), "PYTHONPATH": str(REPO)},
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('got term', flush=True), "
+        "sys.exit(3)))\nprint('started', flush=True)\ntime.sleep(30)\n"
+    )
+    proc = xpuctl_popen(
+        agent.socket,
+        "run",
+        "--memory",
+        "512",
+        "--compute",
+        "10",
+        "--",
+        PY,
+        "-c",
+        script,
+        stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "started"
@@ -155,12 +164,19 @@ def test_run_forwards_sigterm_and_reports_signal(agent: AgentProcess) -> None:
 
 
 def test_run_survives_agent_death_and_says_so(agent: AgentProcess) -> None:
-    proc = subprocess.Popen(
-        [PY, "-m", "agent.cli.xpuctl", "--socket", str(agent.socket), "run", "--memory", "512",
-         "--compute", "10", "--", PY, "-c",
-         "import time; print('up', flush=True); time.sleep(5); print('done', flush=True)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**agent_env(), "PYTHONPATH": str(REPO)},
+    proc = xpuctl_popen(
+        agent.socket,
+        "run",
+        "--memory",
+        "512",
+        "--compute",
+        "10",
+        "--",
+        PY,
+        "-c",
+        "import time; print('up', flush=True); time.sleep(5); print('done', flush=True)",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
     agent.kill9()
@@ -209,10 +225,12 @@ def test_attach_binds_own_process_and_token_binds_automatically(agent: AgentProc
 
 
 def test_events_follow_streams_new_events(agent: AgentProcess) -> None:
-    proc = subprocess.Popen(
-        [PY, "-m", "agent.cli.xpuctl", "--socket", str(agent.socket), "--json", "events",
-         "--follow"],
-        stdout=subprocess.PIPE, text=True, env={**agent_env(), "PYTHONPATH": str(REPO)},
+    proc = xpuctl_popen(
+        agent.socket,
+        "--json",
+        "events",
+        "--follow",
+        stdout=subprocess.PIPE,
     )
     try:
         time.sleep(0.8)
@@ -233,8 +251,8 @@ def test_run_without_command_is_usage_error(agent: AgentProcess) -> None:
 
 
 def test_xpuctl_help_lists_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "agent.cli.xpuctl", "--help"], capture_output=True,
-                         text=True, check=True, env={**agent_env(), "PYTHONPATH": str(REPO)})
+    out = xpuctl("--help")
+    assert out.returncode == 0
     for command in ("status", "devices", "slices", "alloc", "free", "run", "attach", "pool",
                     "place", "borrow", "events"):
         assert command in out.stdout
