@@ -7,6 +7,7 @@ the reason, so that ``xpu-agent`` can print one line and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import socket
 import tomllib
@@ -87,6 +88,8 @@ class EnforcementConfig(_Section):
     grace_s: float = 5.0
     compute_policy: Literal["work-conserving", "hard", "off"] = "work-conserving"
     unsliced: Literal["report", "kill"] = "report"
+    #: A cgroup v2 directory delegated to the agent; empty: stop processes with signals only.
+    cgroup_root: str = ""
 
 
 class MqttConfig(_Section):
@@ -113,6 +116,7 @@ class PoolConfig(_Section):
 class MetricsConfig(_Section):
     listen: str = ""
     textfile: str = ""
+    textfile_interval_s: float = 15.0
 
 
 class Config(_Section):
@@ -178,6 +182,8 @@ def _check(config: Config) -> None:
         raise ConfigError("enforcement.interval_ms", "must be 10..60000")
     if config.enforcement.grace_s < 0:
         raise ConfigError("enforcement.grace_s", "must not be negative")
+    if config.enforcement.cgroup_root and not config.enforcement.cgroup_root.startswith("/"):
+        raise ConfigError("enforcement.cgroup_root", "must be an absolute path or empty")
     if config.backends.npu_smi.timeout_s <= 0:
         raise ConfigError("backends.npu_smi.timeout_s", "must be positive")
     if not config.backends.enabled:
@@ -194,6 +200,12 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt.url", f"{config.mqtt.url!r} is not mqtt://host[:port] or mqtts://")
     if config.mqtt.keepalive_s < 1:
         raise ConfigError("mqtt.keepalive_s", "must be at least 1")
+    if not re.fullmatch(r"[^/+#\s]+(/[^/+#\s]+)*", config.mqtt.topic_root):
+        raise ConfigError("mqtt.topic_root", "topic levels without '+', '#' or empty levels")
+    if config.mqtt.heartbeat_s <= 0 or not 0 <= config.mqtt.debounce_ms <= 60_000:
+        raise ConfigError("mqtt", "heartbeat_s must be positive and debounce_ms 0..60000")
+    if config.mqtt.max_payload_bytes < 4096:
+        raise ConfigError("mqtt.max_payload_bytes", "must be at least 4096")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", config.node.zone):
         raise ConfigError("node.zone", "letters, digits, '.', '_' and '-' only")
     if config.node.name and not re.fullmatch(r"[A-Za-z0-9_.-]+", config.node.name):
@@ -204,6 +216,44 @@ def _check(config: Config) -> None:
         parse_duration_s(config.pool.lease_ttl_s)
     except ValueError as exc:
         raise ConfigError("pool.lease_ttl_s", str(exc)) from None
+    _check_metrics(config.metrics)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` of the metrics listener; only loopback hosts, because
+    the listener has no authentication (the socket's file mode is the API's only guard)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+    host = host.removeprefix("[").removesuffix("]")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address or 'localhost'") from None
+        if not loopback:
+            raise ValueError(
+                f"{host} is not a loopback address; the listener has no authentication, "
+                "so it binds to 127.0.0.1, ::1 or localhost only"
+            )
+    return host, int(port_text)
+
+
+def _check_metrics(metrics: MetricsConfig) -> None:
+    if metrics.listen:
+        try:
+            parse_listen(metrics.listen)
+        except ValueError as exc:
+            raise ConfigError("metrics.listen", str(exc)) from None
+    if metrics.textfile and (
+        not metrics.textfile.startswith("/") or not metrics.textfile.endswith(".prom")
+    ):
+        raise ConfigError(
+            "metrics.textfile",
+            "must be an absolute path ending in .prom (node_exporter reads *.prom)",
+        )
+    if not 0.1 <= metrics.textfile_interval_s <= 3600:
+        raise ConfigError("metrics.textfile_interval_s", "must be 0.1..3600")
 
 
 def from_mapping(data: dict[str, Any]) -> Config:

@@ -17,14 +17,17 @@ import structlog
 
 from agent import __version__
 from agent import config as config_mod
+from agent.api.metrics import Metrics
 from agent.api.server import ApiServer, build_app
 from agent.backends.hotplug import HotplugWatcher
 from agent.backends.registry import create_backends
+from agent.bus.node import Bus
 from agent.config import Config
 from agent.core.events import EventHub
 from agent.core.inventory import Inventory
 from agent.core.pool import Pool, StandalonePool
 from agent.core.service import NodeService
+from agent.enforce.loop import Enforcer
 from agent.errors import ConfigError
 from agent.ledger.store import Ledger
 from agent.supervise import every, supervised
@@ -47,6 +50,7 @@ class Daemon:
         self._last_sample = time.monotonic()
         self.service: NodeService | None = None
         self.pool: Pool = StandalonePool()
+        self.enforcer: Enforcer | None = None
 
     # -- subsystems -----------------------------------------------------------------------
 
@@ -55,6 +59,8 @@ class Daemon:
         if change.lost or change.returned:
             await service.observe_inventory(change)
         await service.observe_samples(service.inventory.samples)
+        if self.enforcer is not None:
+            await self.enforcer.step(service.inventory.samples)
         self._last_sample = time.monotonic()
 
     async def _sampler(self, service: NodeService) -> None:
@@ -126,7 +132,7 @@ class Daemon:
                 new = self._reload_config()
                 restart_needed = [
                     key
-                    for key in ("paths", "backends", "mqtt", "api", "node")
+                    for key in ("paths", "backends", "mqtt", "api", "node", "metrics")
                     if getattr(new, key) != getattr(self.config, key)
                 ]
                 if restart_needed:
@@ -162,7 +168,16 @@ class Daemon:
         missing = {s.device for s in service.live.values()} - set(inventory.devices)
         if missing:
             log.warning("slices on devices not found", devices=sorted(missing))
-        app = build_app(service, self.pool)
+        # Before READY: resume whatever a crashed previous run left stopped.
+        enforcer = Enforcer(service)
+        self.enforcer = enforcer
+        await enforcer.recover()
+        # The bus (when mqtt.url is set): publish, keep the peer pool, lend and borrow.
+        bus = Bus(config, service) if config.mqtt.url else None
+        if bus is not None:
+            self.pool = bus.pool
+        metrics = Metrics(service, self.pool, self.restarts)
+        app = build_app(service, self.pool, metrics=metrics.render)
         server = ApiServer(app)
         inherited = listen_fds().get("api")
         await server.start(Path(config.paths.socket), config.api.socket_group, inherited)
@@ -178,12 +193,18 @@ class Daemon:
         self.notifier.ready(status=self._status_line(service))
         tasks: dict[str, Callable[[], Awaitable[None]]] = {
             "sampler": lambda: self._sampler(service),
+            "duty-cycle": enforcer.run_duty,
             "rediscovery": lambda: self._rediscover(service),
             "hotplug": lambda: self._hotplug(service),
             "expiry": lambda: self._expiry(service),
             "watchdog": self._watchdog,
             "status": lambda: self._status(service),
+            "metrics-listener": lambda: metrics.serve_tcp(server.runner),
+            "metrics-textfile": metrics.write_textfile_forever,
         }
+        if bus is not None:
+            # Cancelling "mqtt" at stop publishes the retained offline status first.
+            tasks.update(bus.tasks())
         try:
             async with asyncio.TaskGroup() as group:
                 for name, factory in tasks.items():
@@ -194,6 +215,10 @@ class Daemon:
         finally:
             self.notifier.stopping()
             log.info("stopping")
+            try:
+                await enforcer.shutdown()  # resume every process held stopped
+            except Exception:
+                log.exception("resuming stopped processes failed")
             with contextlib.suppress(Exception):
                 await server.stop()
             await inventory.close()

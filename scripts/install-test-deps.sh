@@ -10,6 +10,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+# Building and checking the Debian package (tests/test_deb.py, `make deb`).
+deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+for pkg in dpkg-dev debhelper dh-virtualenv lintian build-essential python3-venv python3-dev man-db; do
+  deb_installed "$pkg" || need+=("$pkg")
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "test dependencies: all present"

@@ -123,6 +123,12 @@ class MqttView(msgspec.Struct, kw_only=True):
     connected: bool
     url: str
     state: str
+    protocol: str | None = None
+    connects: int = 0
+    received: int = 0
+    published: int = 0
+    #: Peer messages dropped, by reason: oversized, malformed, spoofed, stale, ...
+    dropped: dict[str, int] = {}
 
 
 class HealthView(msgspec.Struct, kw_only=True):
@@ -176,6 +182,7 @@ class PeerView(msgspec.Struct, kw_only=True):
     devices: list[PeerDeviceView]
     lendable_memory_mib: int
     lendable_compute_pct: int
+    lends: bool = True
 
 
 class CandidateView(msgspec.Struct, kw_only=True):
@@ -195,4 +202,6 @@ class LeaseView(msgspec.Struct, kw_only=True):
     memory_mib: int
     compute_pct: int
     expires_at: float | None
+    #: Only shown to the borrowing user and admins: it carries the lease token.
     env: dict[str, str]
+    owner_uid: int | None = None

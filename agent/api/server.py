@@ -238,21 +238,20 @@ async def post_borrow(request: web.Request) -> web.Response:
         body.memory_mib,
         placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
     )
-    lease = await request.app[POOL].borrow(
-        caller_of(request), demand, body.node, body.ttl_s, body.model
-    )
-    return _json(
-        schema.LeaseView(
-            lender=lease.lender,
-            slice_id=lease.slice_id,
-            device=lease.device,
-            memory_mib=lease.memory_mib,
-            compute_pct=lease.compute_pct,
-            expires_at=lease.expires_at,
-            env=lease.env,
-        ),
-        status=201,
-    )
+    caller = caller_of(request)
+    lease = await request.app[POOL].borrow(caller, demand, body.node, body.ttl_s, body.model)
+    return _json(views.lease_view(lease, caller), status=201)
+
+
+async def get_leases(request: web.Request) -> web.Response:
+    caller = caller_of(request)
+    return _json([views.lease_view(lease, caller) for lease in request.app[POOL].leases()])
+
+
+async def delete_lease(request: web.Request) -> web.Response:
+    caller = caller_of(request)
+    lease = await request.app[POOL].give_back(caller, request.match_info["id"])
+    return _json(views.lease_view(lease, caller))
 
 
 def _event_view(event: Any) -> schema.EventView:
@@ -293,7 +292,10 @@ async def get_metrics(request: web.Request) -> web.Response:
     render = request.app.get(METRICS)
     if render is None:
         raise NotFound("metrics are not enabled")
-    return web.Response(body=render(), content_type="text/plain", charset="utf-8")
+    # The full media type (text format 0.0.4): Prometheus 3 refuses a bare text/plain.
+    return web.Response(
+        body=render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 ROUTES: tuple[Route, ...] = (
@@ -346,6 +348,14 @@ ROUTES: tuple[Route, ...] = (
         body=schema.BorrowBody,
         response=schema.LeaseView,
         status=201,
+    ),
+    Route("GET", "/v1/pool/leases", get_leases, "Leases borrowed", response=list[schema.LeaseView]),
+    Route(
+        "DELETE",
+        "/v1/pool/leases/{id}",
+        delete_lease,
+        "Return a borrowed lease",
+        response=schema.LeaseView,
     ),
     Route("GET", "/v1/events", get_events, "Events", response=list[schema.EventView]),
     Route("GET", "/v1/openapi.json", get_openapi, "This document", response=None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from agent import __version__
 from agent.api import schema
 from agent.core.caller import Caller
-from agent.core.pool import Peer, Pool
+from agent.core.pool import Lease, Peer, Pool
 from agent.core.service import NodeService
 from agent.model import Device, Health, Slice
 
@@ -120,7 +120,15 @@ def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
         ),
         idle=idle_amount(service),
         mqtt=schema.MqttView(
-            enabled=link.enabled, connected=link.connected, url=link.url, state=link.state
+            enabled=link.enabled,
+            connected=link.connected,
+            url=link.url,
+            state=link.state,
+            protocol=link.protocol,
+            connects=link.connects,
+            received=link.received,
+            published=link.published,
+            dropped=dict(link.dropped),
         ),
     )
 
@@ -147,4 +155,19 @@ def peer_view(peer: Peer) -> schema.PeerView:
         ],
         lendable_memory_mib=peer.lendable_memory_mib,
         lendable_compute_pct=peer.lendable_compute_pct,
+        lends=peer.lends,
+    )
+
+
+def lease_view(lease: Lease, caller: Caller) -> schema.LeaseView:
+    mine = caller.admin or caller.uid == lease.owner_uid
+    return schema.LeaseView(
+        lender=lease.lender,
+        slice_id=lease.slice_id,
+        device=lease.device,
+        memory_mib=lease.memory_mib,
+        compute_pct=lease.compute_pct,
+        expires_at=lease.expires_at,
+        env=dict(lease.env) if mine else {},
+        owner_uid=lease.owner_uid,
     )

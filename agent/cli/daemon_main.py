@@ -26,11 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     parser.add_argument("--version", action="version", version=f"xpu-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    demo = sub.add_parser(
+        "demo", help="a local cluster on mock cards with a broker, under ./.run/demo"
+    )
+    demo.add_argument("--nodes", type=int, default=3, help="how many agents (1-16)")
+    demo.add_argument("--check", action="store_true", help="only say which broker would run")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from agent import demo  # noqa: PLC0415
+
+        if args.check:
+            return demo.check()
+        if not 1 <= args.nodes <= 16:
+            print("xpu-agent demo: error: --nodes must be 1..16", file=sys.stderr)
+            return 2
+        return demo.run(args.nodes)
     # Imports after parsing: --help and --version stay fast.
     from agent import config as config_mod  # noqa: PLC0415
     from agent import logs  # noqa: PLC0415

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
-import threading
-import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -106,9 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     borrow.add_argument("--node")
     borrow.add_argument("--ttl", type=DURATION)
     borrow.add_argument("--model")
+    sub.add_parser("leases", help="leases this node borrowed from peers (renewed until returned)")
+    give_back = sub.add_parser("return", help="return a borrowed lease to its lender")
+    give_back.add_argument("lease")
     events = sub.add_parser("events", help="the node's event stream")
     events.add_argument("--follow", "-f", action="store_true")
     events.add_argument("--limit", type=int, default=50)
+    top = sub.add_parser("top", help="live view of devices, slices and the pool (q quits)")
+    top.add_argument("--once", action="store_true", help="print one frame as text and exit")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     return parser
 
 
@@ -169,7 +172,7 @@ def cmd_events(client: AgentClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_agent(client: AgentClient, stop: threading.Event) -> None:
+def _watch_agent(client: AgentClient, stop: Any) -> None:
     """While CMD runs: say once if the agent goes away (CMD keeps running)."""
     while not stop.wait(2.0):
         try:
@@ -186,6 +189,11 @@ def _watch_agent(client: AgentClient, stop: threading.Event) -> None:
 
 
 def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
+    # Imported here: only ``run`` needs them, and xpuctl's start-up time is a budget.
+    import subprocess  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         print("xpuctl run: error: no command given (xpuctl run ... -- CMD ARGS)", file=sys.stderr)
@@ -283,15 +291,26 @@ def cmd_borrow(client: AgentClient, args: argparse.Namespace) -> int:
     return _print(args, lease, text)
 
 
+def cmd_return(client: AgentClient, args: argparse.Namespace) -> int:
+    lease = client.request("DELETE", f"/v1/pool/leases/{args.lease}")
+    return _print(args, lease, lambda x: f"returned {x['slice_id']} to {x['lender']}")
+
+
 def dispatch(client: AgentClient, args: argparse.Namespace) -> int:
     simple: dict[str, tuple[str, Callable[[Any], str]]] = {
         "status": ("/v1/node", render.status_text),
         "devices": ("/v1/devices", render.devices_text),
         "pool": ("/v1/pool", render.pool_text),
+        "leases": ("/v1/pool/leases", render.leases_text),
     }
     if args.command in simple:
         path, text = simple[args.command]
         return _print(args, client.get(path), text)
+    if args.command == "top":
+        # Lazy: curses and the view's code load only for `top`; other commands stay light.
+        from agent.cli import top  # noqa: PLC0415
+
+        return top.run(client, args)
     if args.command == "slices":
         path = "/v1/slices?history=1" if args.all else "/v1/slices"
         return _print(args, client.get(path), render.slices_text)
@@ -303,6 +322,7 @@ def dispatch(client: AgentClient, args: argparse.Namespace) -> int:
         "run": cmd_run,
         "place": cmd_place,
         "borrow": cmd_borrow,
+        "return": cmd_return,
     }
     return handlers[args.command](client, args)
 

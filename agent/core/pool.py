@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.core.caller import Caller
-from agent.errors import Unavailable
+from agent.errors import NotFound, Unavailable
 from agent.ledger import placement
 
 
@@ -17,6 +17,12 @@ class LinkState:
     connected: bool
     url: str
     state: str  # "standalone" | "connecting" | "connected" | "disconnected"
+    protocol: str | None = None  # "5" | "3.1.1" once connected
+    connects: int = 0
+    received: int = 0
+    published: int = 0
+    #: Peer messages dropped, by reason (oversized, malformed, spoofed, stale, ...).
+    dropped: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ class Peer:
     devices: tuple[PeerDevice, ...]
     lendable_memory_mib: int
     lendable_compute_pct: int
+    lends: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,7 @@ class Lease:
     compute_pct: int
     expires_at: float | None
     env: dict[str, str] = field(default_factory=dict)
+    owner_uid: int | None = None  # who borrowed it (on the borrowing node)
 
 
 class Pool(Protocol):
@@ -75,6 +83,10 @@ class Pool(Protocol):
         ttl_s: float | None,
         model: str | None,
     ) -> Lease: ...
+
+    def leases(self) -> Sequence[Lease]: ...
+
+    async def give_back(self, caller: Caller, slice_id: str) -> Lease: ...
 
 
 class StandalonePool:
@@ -95,6 +107,12 @@ class StandalonePool:
         model: str | None,
     ) -> Lease:
         raise Unavailable("no MQTT bus is configured (mqtt.url is empty): nothing to borrow from")
+
+    def leases(self) -> Sequence[Lease]:
+        return ()
+
+    async def give_back(self, caller: Caller, slice_id: str) -> Lease:
+        raise NotFound(f"no borrowed lease {slice_id!r}")
 
 
 def place_across(

@@ -1,0 +1,1 @@
+"""The MQTT bus: publish this node, keep the peer pool, lend and borrow (docs/mqtt.md)."""

@@ -1,0 +1,620 @@
+"""Lending idle capacity to peers: request/response over the bus (DESIGN.md §6).
+
+A borrower sends ``borrow`` / ``renew`` / ``release`` (and ``place``) into the lender's inbox
+``{root}/{zone}/nodes/{lender}/rpc/{method}``, naming its own ``.../rpc/reply`` as the MQTT 5
+response topic, with correlation data and a message expiry (over 3.1.1 the same travel in
+the payload). The lender answers there.
+
+The **lender** allocates a slice with ``borrower`` set and a TTL (``pool.lease_ttl_s`` unless
+asked for less or more) and returns its id, card, environment and expiry. The slice ends
+when its TTL lapses (the agent's expiry task), when the borrower's status goes ``offline``
+or the borrower restarts (it lost its leases), or when a local allocation preempts it; a
+lease that ends without being returned is announced to the borrower with a ``notice``,
+which carries the lease token so that only the lender can have sent it. Renew and release
+must carry the token too: nobody but the borrower can extend or end its lease.
+
+The **borrower** keeps its leases in memory, renews each at half its TTL, records
+``lease.*`` events (they reach its events topic like every event), and returns them on
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from agent.bus import guard as reasons
+from agent.bus import payloads
+from agent.bus.connection import Outgoing
+from agent.bus.guard import Guard
+from agent.bus.origin import Origin
+from agent.bus.topics import NOTICE, Topics
+from agent.core.caller import Caller
+from agent.core.pool import Lease, Peer, place_across
+from agent.core.service import NodeService
+from agent.errors import (
+    BadRequest,
+    Conflict,
+    DoesNotFit,
+    Forbidden,
+    NotFound,
+    Unavailable,
+    XpuError,
+)
+from agent.ledger import placement
+from agent.model import Slice, SliceRequest, SliceState
+from agent.units import parse_duration_s
+
+log = structlog.get_logger(__name__)
+
+#: How long a borrower waits for an answer (also the request's message expiry).
+RPC_TIMEOUT_S = 5.0
+#: How long a reply may wait in our outgoing queue before it is pointless.
+REPLY_EXPIRY_S = 30
+#: Lenders tried in turn when no node is named.
+MAX_LENDERS_TRIED = 3
+#: Requests waiting for the lender task; more are dropped (and counted).
+INBOX_MAX = 256
+#: 3.1.1 carries the expiry in the payload: allow this much clock skew.
+CLOCK_SKEW_S = 30.0
+RENEW_CHECK_S = 0.5
+
+Send = Callable[[Outgoing, bool], None]
+
+
+def system_caller() -> Caller:
+    """The agent itself, acting for a peer."""
+    return Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
+
+
+_ERRORS: dict[int, type[XpuError]] = {
+    400: BadRequest,
+    403: Forbidden,
+    404: NotFound,
+    409: DoesNotFit,
+}
+
+
+def error_of(reply: payloads.Reply) -> XpuError:
+    kind = _ERRORS.get(reply.status, Unavailable)
+    return kind(f"{reply.node}: {reply.detail or reply.title}", lender=reply.node)
+
+
+# -- the lender ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    request: payloads.AnyRequest
+    reply_to: str
+    correlation: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Reclaim:
+    borrower: str
+    why: str
+
+
+class Lender:
+    def __init__(
+        self,
+        service: NodeService,
+        topics: Topics,
+        origin: Origin,
+        send: Send,
+        guard: Guard,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.topics = topics
+        self.origin = origin
+        self._send = send
+        self.guard = guard
+        self._clock = clock
+        self._inbox: asyncio.Queue[_Job | _Reclaim] = asyncio.Queue(INBOX_MAX)
+        self._lent: dict[str, Slice] = {}
+        self._quiet: set[str] = set()  # ended on the borrower's word (or absence): no notice
+        self.served = 0
+        service.on_change(self._watch)
+
+    # -- intake (on the loop, from the router) --------------------------------------------
+
+    def submit(self, request: payloads.AnyRequest, reply_to: str, correlation: bytes) -> None:
+        self._enqueue(_Job(request, reply_to, correlation), reply_to)
+
+    def borrower_gone(self, node: str, why: str) -> None:
+        if any(s.borrower == node for s in self.service.live.values()):
+            self._enqueue(_Reclaim(node, why), node)
+
+    def _enqueue(self, item: _Job | _Reclaim, topic: str) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.guard.drop(reasons.OVERLOADED, topic, "lender inbox full")
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._watch()
+        while True:
+            item = await self._inbox.get()
+            if isinstance(item, _Reclaim):
+                await self._reclaim(item.borrower, item.why)
+                continue
+            reply = await self._answer(item.request)
+            self.served += 1
+            self._send(
+                Outgoing(
+                    item.reply_to,
+                    payloads.encode(reply),
+                    qos=1,
+                    correlation=item.correlation,
+                    expiry_s=REPLY_EXPIRY_S,
+                    deadline=self._clock() + REPLY_EXPIRY_S,
+                ),
+                False,
+            )
+
+    async def _answer(self, request: payloads.AnyRequest) -> payloads.Reply:
+        try:
+            if isinstance(request, payloads.BorrowRequest):
+                return await self._borrow(request)
+            if isinstance(request, payloads.RenewRequest):
+                return await self._renew(request)
+            if isinstance(request, payloads.ReleaseRequest):
+                return await self._release(request)
+            return self._place(request)
+        except XpuError as exc:
+            return self._reply(request, exc.status, exc.title, exc.detail)
+        except Exception:
+            log.exception("lending request failed", request=type(request).__name__)
+            return self._reply(request, 500, "Internal error", "see the lender's log")
+
+    def _reply(
+        self,
+        request: payloads.Request,
+        status: int,
+        title: str = "",
+        detail: str = "",
+        lease: payloads.LeaseGrant | None = None,
+        candidates: list[payloads.PlacedCard] | None = None,
+    ) -> payloads.Reply:
+        return payloads.Reply(
+            **self.origin.stamp(),
+            request_id=request.request_id,
+            status=status,
+            title=title,
+            detail=detail,
+            lease=lease,
+            candidates=candidates,
+        )
+
+    def _grant(self, slice_: Slice) -> payloads.LeaseGrant:
+        device = self.service.inventory.devices.get(slice_.device)
+        return payloads.LeaseGrant(
+            slice_id=slice_.id,
+            token=slice_.token,
+            device=slice_.device,
+            model=device.model if device else "",
+            memory_mib=slice_.memory_mib,
+            compute_pct=slice_.compute_pct,
+            expires_at=slice_.expires_at,
+            env=self.service.env(slice_),
+        )
+
+    def _lease_ttl_s(self, asked: float | None) -> float:
+        return (
+            asked if asked is not None else parse_duration_s(self.service.config.pool.lease_ttl_s)
+        )
+
+    async def _borrow(self, request: payloads.BorrowRequest) -> payloads.Reply:
+        config = self.service.config
+        if not config.pool.lend:
+            raise Forbidden(f"{self.origin.node} does not lend (pool.lend = false)")
+        if request.node == self.origin.node:
+            raise BadRequest("a node does not borrow from itself")
+        device = None
+        if request.model:
+            device = self._best_card(request)
+        slice_, created = await self.service.allocate(
+            system_caller(),
+            SliceRequest(
+                memory_mib=request.memory_mib,
+                compute_pct=request.compute_pct,
+                owner_uid=os.getuid(),
+                device=device,
+                ttl_s=self._lease_ttl_s(request.ttl_s),
+                labels={"lent-to": request.node},
+                borrower=request.node,
+                # A retried request (same id) gets the same slice, not a second one.
+                request_id=f"lend:{request.node}:{request.request_id}",
+            ),
+        )
+        log.info(
+            "lent a slice",
+            slice=slice_.id,
+            borrower=request.node,
+            device=slice_.device,
+            created=created,
+        )
+        return self._reply(request, 201 if created else 200, lease=self._grant(slice_))
+
+    def _best_card(self, request: payloads.BorrowRequest) -> str:
+        wanted = (request.model or "").lower()
+        cards = [c for c in self.service.card_states() if wanted in c.model.lower()]
+        if not cards:
+            raise DoesNotFit(f"no {request.model} card on {self.origin.node}")
+        demand = placement.Demand(
+            request.memory_mib,
+            placement.round_up_compute(
+                request.compute_pct, self.service.config.slicing.compute_step_pct
+            ),
+        )
+        ranked = placement.rank(cards, demand, self.service.config.slicing.placement)
+        if not ranked:
+            raise DoesNotFit(f"no {request.model} card on {self.origin.node} has room")
+        return ranked[0].device
+
+    def _held_by(self, slice_id: str, node: str, token: str) -> Slice:
+        slice_ = self.service.live.get(slice_id)
+        if (
+            slice_ is None
+            or slice_.borrower != node
+            or not secrets.compare_digest(slice_.token, token)
+        ):
+            raise NotFound(f"no lease {slice_id} for {node} on {self.origin.node}")
+        return slice_
+
+    async def _renew(self, request: payloads.RenewRequest) -> payloads.Reply:
+        self._held_by(request.slice_id, request.node, request.token)
+        renewed = await self.service.renew(request.slice_id, self._lease_ttl_s(request.ttl_s))
+        return self._reply(request, 200, lease=self._grant(renewed))
+
+    async def _release(self, request: payloads.ReleaseRequest) -> payloads.Reply:
+        held = self._held_by(request.slice_id, request.node, request.token)
+        self._quiet.add(held.id)
+        ended = await self.service.release(
+            system_caller(), held.id, SliceState.RELEASED, f"returned by {request.node}"
+        )
+        log.info("lease returned", slice=held.id, borrower=request.node)
+        return self._reply(request, 200, lease=self._grant(ended))
+
+    def _place(self, request: payloads.PlaceRequest) -> payloads.Reply:
+        config = self.service.config
+        demand = placement.Demand(
+            request.memory_mib,
+            placement.round_up_compute(request.compute_pct, config.slicing.compute_step_pct),
+        )
+        ranked = place_across(
+            self.service.card_states(),
+            (),
+            demand,
+            config.slicing.placement,
+            request.model,
+            request.limit,
+        )
+        return self._reply(
+            request,
+            200,
+            candidates=[
+                payloads.PlacedCard(
+                    device=p.candidate.device,
+                    model=p.model,
+                    score=p.candidate.score,
+                    memory_free_after_mib=p.candidate.memory_free_after_mib,
+                    compute_free_after_pct=p.candidate.compute_free_after_pct,
+                )
+                for p in ranked
+            ],
+        )
+
+    async def _reclaim(self, borrower: str, why: str) -> None:
+        for slice_ in [s for s in self.service.live.values() if s.borrower == borrower]:
+            self._quiet.add(slice_.id)
+            with contextlib.suppress(NotFound):
+                await self.service.release(system_caller(), slice_.id, SliceState.RELEASED, why)
+                log.info("reclaimed a lent slice", slice=slice_.id, borrower=borrower, why=why)
+
+    # -- noticing leases that ended without the borrower's word --------------------------
+
+    def _watch(self) -> None:
+        """On every change: a lent slice that vanished was expired or reclaimed."""
+        current = {s.id: s for s in self.service.live.values() if s.borrower is not None}
+        now = self.origin.wall()
+        for slice_id, old in self._lent.items():
+            if slice_id in current:
+                continue
+            if slice_id in self._quiet:
+                self._quiet.discard(slice_id)
+                continue
+            assert old.borrower is not None
+            expired = old.expires_at is not None and old.expires_at <= now + 1.0
+            notice = payloads.Notice(
+                **self.origin.stamp(),
+                slice_id=slice_id,
+                token=old.token,
+                state="expired" if expired else "reclaimed",
+                reason="ttl lapsed" if expired else "reclaimed by the lender",
+            )
+            log.info("lease ended", slice=slice_id, borrower=old.borrower, state=notice.state)
+            self._send(
+                Outgoing(
+                    self.topics.rpc(old.borrower, NOTICE),
+                    payloads.encode(notice),
+                    qos=1,
+                    deadline=self._clock() + REPLY_EXPIRY_S,
+                ),
+                False,
+            )
+        self._lent = current
+
+
+# -- the borrower --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    lease: Lease
+    token: str
+    ttl_s: float
+    renew_at: float  # this node's wall clock, like lease.expires_at
+
+
+class Borrower:
+    def __init__(
+        self,
+        service: NodeService,
+        topics: Topics,
+        origin: Origin,
+        send: Send,
+        connected: Callable[[], bool],
+        guard: Guard,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.topics = topics
+        self.origin = origin
+        self._send = send
+        self._connected = connected
+        self.guard = guard
+        self._clock = clock
+        self.held: dict[str, Held] = {}
+        self._waiting: dict[str, tuple[str, asyncio.Future[payloads.Reply]]] = {}
+        self._notices: asyncio.Queue[payloads.Notice] = asyncio.Queue(INBOX_MAX)
+
+    # -- request/response ----------------------------------------------------------------
+
+    async def call(self, lender: str, request: payloads.Request) -> payloads.Reply:
+        if not self._connected():
+            raise Unavailable("the MQTT bus is not connected")
+        method = payloads.METHOD_OF[type(request)]
+        future: asyncio.Future[payloads.Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = (lender, future)
+        try:
+            self._send(
+                Outgoing(
+                    self.topics.rpc(lender, method),
+                    payloads.encode(request),
+                    qos=1,
+                    response_topic=self.topics.reply_to(),
+                    correlation=request.request_id.encode(),
+                    expiry_s=int(RPC_TIMEOUT_S),
+                    deadline=self._clock() + RPC_TIMEOUT_S,
+                ),
+                False,
+            )
+            return await asyncio.wait_for(future, RPC_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(
+                f"{lender} did not answer {method} within {RPC_TIMEOUT_S:g}s"
+            ) from None
+        finally:
+            self._waiting.pop(request.request_id, None)
+
+    def _request_fields(self) -> dict[str, Any]:
+        return {
+            **self.origin.stamp(),
+            "request_id": uuid.uuid4().hex,
+            "reply_to": self.topics.reply_to(),
+            "expires_at": self.origin.wall() + RPC_TIMEOUT_S,
+        }
+
+    def on_reply(self, reply: payloads.Reply, correlation: bytes | None, topic: str) -> None:
+        key = correlation.decode(errors="replace") if correlation else reply.request_id
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self.guard.drop(reasons.UNEXPECTED, topic, "reply to no pending request")
+            return
+        lender, future = waiting
+        if reply.node != lender:
+            self.guard.drop(reasons.SPOOFED, topic, f"reply from {reply.node}, asked {lender}")
+            return
+        if not future.done():
+            future.set_result(reply)
+
+    def on_notice(self, notice: payloads.Notice, topic: str) -> None:
+        held = self.held.get(notice.slice_id)
+        if (
+            held is None
+            or held.lease.lender != notice.node
+            or not secrets.compare_digest(held.token, notice.token)
+        ):
+            self.guard.drop(
+                reasons.UNEXPECTED, topic, f"notice for unknown lease {notice.slice_id}"
+            )
+            return
+        try:
+            self._notices.put_nowait(notice)
+        except asyncio.QueueFull:
+            self.guard.drop(reasons.OVERLOADED, topic, "notice queue full")
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def leases(self) -> list[Lease]:
+        return sorted((h.lease for h in self.held.values()), key=lambda lease: lease.slice_id)
+
+    async def borrow(
+        self,
+        caller: Caller,
+        demand: placement.Demand,
+        node: str | None,
+        ttl_s: float | None,
+        model: str | None,
+        peers: Sequence[Peer],
+        policy: placement.Policy,
+    ) -> Lease:
+        known = list(peers)
+        if node is not None:
+            peer = next((p for p in known if p.node == node), None)
+            if node == self.origin.node:
+                raise BadRequest("a node does not borrow from itself: allocate a slice")
+            if peer is None:
+                raise NotFound(f"no peer {node!r} in the pool")
+            if not peer.placeable:
+                raise Conflict(f"peer {node} is {peer.state}: not placeable")
+            lenders = [node]
+        else:
+            ranked = place_across([], [p for p in known if p.lends], demand, policy, model, 100)
+            lenders = list(dict.fromkeys(c.candidate.node for c in ranked))
+            if not lenders:
+                raise DoesNotFit(
+                    f"no peer can lend {demand.memory_mib} MiB / {demand.compute_pct} %"
+                    + (f" on a {model} card" if model else "")
+                )
+        last: XpuError | None = None
+        for lender in lenders[:MAX_LENDERS_TRIED]:
+            request = payloads.BorrowRequest(
+                **self._request_fields(),
+                memory_mib=demand.memory_mib,
+                compute_pct=demand.compute_pct,
+                ttl_s=ttl_s,
+                model=model,
+            )
+            reply = await self.call(lender, request)
+            if reply.status < 300 and reply.lease is not None:
+                return await self._keep(lender, reply, reply.lease, caller)
+            last = error_of(reply)
+            if reply.status not in (403, 409):
+                raise last
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _remaining_s(reply: payloads.Reply, grant: payloads.LeaseGrant) -> float:
+        """The lease's time left, by the lender's clock alone (its expiry minus the reply's
+        timestamp), so that clock skew between the two nodes does not matter."""
+        if grant.expires_at is None:
+            return 600.0
+        return max(1.0, grant.expires_at - reply.ts)
+
+    async def _keep(
+        self, lender: str, reply: payloads.Reply, grant: payloads.LeaseGrant, caller: Caller
+    ) -> Lease:
+        now = self.origin.wall()
+        ttl = self._remaining_s(reply, grant)
+        lease = Lease(
+            lender=lender,
+            slice_id=grant.slice_id,
+            device=grant.device,
+            memory_mib=grant.memory_mib,
+            compute_pct=grant.compute_pct,
+            expires_at=now + ttl,  # on this node's clock
+            env=dict(grant.env),
+            owner_uid=caller.uid,
+        )
+        self.held[grant.slice_id] = Held(lease, grant.token, ttl, now + ttl / 2)
+        log.info("borrowed a slice", lender=lender, slice=grant.slice_id, device=grant.device)
+        await self.service.record(
+            "lease.borrowed",
+            {
+                "lender": lender,
+                "device": grant.device,
+                "memory_mib": grant.memory_mib,
+                "compute_pct": grant.compute_pct,
+                "expires_at": grant.expires_at,
+                "uid": caller.uid,
+            },
+            grant.slice_id,
+        )
+        return lease
+
+    async def give_back(self, caller: Caller, slice_id: str) -> Lease:
+        held = self.held.get(slice_id)
+        if held is None:
+            raise NotFound(f"no borrowed lease {slice_id!r}")
+        if not (caller.admin or caller.uid == held.lease.owner_uid):
+            raise Forbidden(
+                f"{caller.name} may not return lease {slice_id} borrowed by uid "
+                f"{held.lease.owner_uid}"
+            )
+        request = payloads.ReleaseRequest(
+            **self._request_fields(),
+            slice_id=slice_id,
+            token=held.token,
+        )
+        reply = await self.call(held.lease.lender, request)
+        if reply.status >= 300 and reply.status != 404:
+            raise error_of(reply)
+        await self._forget(slice_id, "lease.returned", "returned")
+        return held.lease
+
+    async def _forget(self, slice_id: str, kind: str, why: str) -> None:
+        held = self.held.pop(slice_id, None)
+        if held is None:
+            return
+        log.info("lease ended", slice=slice_id, lender=held.lease.lender, why=why)
+        await self.service.record(kind, {"lender": held.lease.lender, "reason": why}, slice_id)
+
+    # -- the task: renewals and notices ---------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                notice = await asyncio.wait_for(self._notices.get(), timeout=RENEW_CHECK_S)
+            except TimeoutError:
+                await self._renew_due()
+                continue
+            kind = "lease.expired" if notice.state == "expired" else "lease.reclaimed"
+            await self._forget(notice.slice_id, kind, notice.reason or notice.state)
+
+    async def _renew_due(self) -> None:
+        now = self.origin.wall()
+        for slice_id, held in list(self.held.items()):
+            expires = held.lease.expires_at
+            if expires is not None and now >= expires:
+                await self._forget(slice_id, "lease.expired", "not renewed in time")
+                continue
+            if now < held.renew_at or not self._connected():
+                continue
+            request = payloads.RenewRequest(
+                **self._request_fields(),
+                slice_id=slice_id,
+                token=held.token,
+                ttl_s=held.ttl_s,
+            )
+            try:
+                reply = await self.call(held.lease.lender, request)
+            except Unavailable as exc:
+                log.debug("renewal not answered; retrying", slice=slice_id, error=str(exc))
+                self.held[slice_id] = replace(held, renew_at=now + 1.0)
+                continue
+            if reply.status == 404:
+                await self._forget(slice_id, "lease.lost", "the lender no longer holds it")
+            elif reply.status < 300 and reply.lease is not None and slice_id in self.held:
+                now = self.origin.wall()
+                left = self._remaining_s(reply, reply.lease)
+                lease = replace(held.lease, expires_at=now + left)
+                self.held[slice_id] = replace(held, lease=lease, renew_at=now + left / 2)
+            else:
+                log.warning("renewal refused", slice=slice_id, status=reply.status)
+                self.held[slice_id] = replace(held, renew_at=now + 1.0)

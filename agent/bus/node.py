@@ -1,0 +1,155 @@
+"""This agent on the bus: the connection, the publisher, the pool, lender and borrower,
+wired together, and the named tasks the daemon supervises."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+import structlog
+
+from agent.bus import guard as reasons
+from agent.bus import payloads
+from agent.bus.connection import Connection, Outgoing, property_of
+from agent.bus.guard import Guard
+from agent.bus.lending import CLOCK_SKEW_S, Borrower, Lender
+from agent.bus.origin import Origin
+from agent.bus.pool import MqttPool, PeerTable, Transition
+from agent.bus.publisher import Publisher
+from agent.bus.topics import METHODS, NOTICE, REPLY, STATE_KINDS, Address, Kind, Topics
+from agent.config import Config
+from agent.core.service import NodeService
+from agent.supervise import every
+
+log = structlog.get_logger(__name__)
+
+PRUNE_EVERY_S = 1.0
+
+
+class Bus:
+    def __init__(self, config: Config, service: NodeService) -> None:
+        node = config.node_name
+        self.service = service
+        self.topics = Topics(config.mqtt.topic_root, config.node.zone, node)
+        self.origin = Origin(node)
+        self.guard = Guard(config.mqtt.max_payload_bytes)
+        self.table = PeerTable(node, self.guard)
+        self.publisher = Publisher(service, self.topics, self.origin, self._send)
+        self.connection = Connection(
+            config.mqtt,
+            client_id=node,
+            subscriptions=self.topics.subscriptions(),
+            on_message=self.route,
+            on_connect=self.publisher.on_connect,
+            will=self.publisher.will,
+            goodbye=self.publisher.goodbye,
+        )
+        self.lender = Lender(service, self.topics, self.origin, self._send, self.guard)
+        self.borrower = Borrower(
+            service,
+            self.topics,
+            self.origin,
+            self._send,
+            lambda: self.connection.connected,
+            self.guard,
+        )
+        self.pool = MqttPool(
+            self.table,
+            self.connection,
+            self.borrower,
+            self.guard,
+            peer_ttl_s=lambda: service.config.pool.peer_ttl_s,
+            policy=lambda: service.config.slicing.placement,
+        )
+        self._stale: set[str] = set()
+
+    def _send(self, message: Outgoing, latest: bool) -> None:
+        self.connection.publish(message, latest)
+
+    def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return {
+            "mqtt": self.connection.run,
+            "mqtt-publish": self.publisher.run,
+            "mqtt-events": self.publisher.forward_events,
+            "lender": self.lender.run,
+            "leases": self.borrower.run,
+            "pool-expiry": self._expire_peers,
+        }
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def route(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        raw = message.payload if isinstance(message.payload, bytes) else b""
+        address = self.topics.parse(topic)
+        if address is None:
+            self.guard.drop(reasons.UNEXPECTED, topic, "outside this zone's tree")
+            return
+        if address.kind in STATE_KINDS:
+            if address.node == self.origin.node:
+                return  # our own retained state, echoed back
+            transition = self.table.receive(address, raw, topic, retained=message.retain)
+            if transition is not None:
+                self._on_transition(transition)
+            return
+        if address.kind is Kind.RPC and address.node == self.origin.node:
+            self._route_inbox(address, message, topic, raw)
+            return
+        self.guard.drop(reasons.UNEXPECTED, topic, "not subscribed to this")
+
+    def _route_inbox(
+        self, address: Address, message: aiomqtt.Message, topic: str, raw: bytes
+    ) -> None:
+        if address.method == REPLY:
+            reply = self.guard.decode(raw, payloads.Reply, topic)
+            if reply is not None:
+                self.borrower.on_reply(reply, property_of(message, "CorrelationData"), topic)
+            return
+        if address.method == NOTICE:
+            notice = self.guard.decode(raw, payloads.Notice, topic)
+            if notice is not None:
+                self.borrower.on_notice(notice, topic)
+            return
+        if address.method not in METHODS:
+            self.guard.drop(reasons.UNEXPECTED, topic, f"no method {address.method!r}")
+            return
+        request = self.guard.decode(raw, payloads.AnyRequest, topic)
+        if request is None:
+            return
+        if payloads.METHOD_OF[type(request)] != address.method:
+            self.guard.drop(
+                reasons.MALFORMED, topic, f"{request.__class__.__name__} sent to {address.method}"
+            )
+            return
+        # Answers go only to the requester's own inbox, never where a request says.
+        reply_to = property_of(message, "ResponseTopic") or request.reply_to
+        if reply_to != self.topics.reply_to(request.node):
+            self.guard.drop(reasons.SPOOFED, topic, f"response topic {reply_to!r}")
+            return
+        if (
+            request.expires_at is not None
+            and self.origin.wall() > request.expires_at + CLOCK_SKEW_S
+        ):
+            self.guard.drop(reasons.STALE, topic, "request expired")
+            return
+        correlation = property_of(message, "CorrelationData") or request.request_id.encode()
+        self.lender.submit(request, reply_to, correlation)
+
+    def _on_transition(self, transition: Transition) -> None:
+        log.info("peer changed", peer=transition.node, what=transition.what)
+        if transition.what == "offline":
+            self.lender.borrower_gone(transition.node, "borrower went offline")
+        elif transition.what == "rebooted":
+            self.lender.borrower_gone(transition.node, "borrower restarted")
+
+    async def _expire_peers(self) -> None:
+        async def step() -> None:
+            ttl = self.service.config.pool.peer_ttl_s
+            stale = {p.node for p in self.table.peers(ttl) if p.state == "stale"}
+            for node in stale - self._stale:
+                log.warning("peer unheard; not placeable", peer=node, ttl_s=ttl)
+            self._stale = stale
+            for node in self.table.forget_silent(ttl):
+                log.info("peer forgotten", peer=node)
+
+        await every(PRUNE_EVERY_S, step)

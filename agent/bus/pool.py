@@ -1,0 +1,243 @@
+"""The peer pool: every peer's retained status, capacity and idle as last heard.
+
+Each message is checked before it touches the table: size cap, schema, the topic's node
+equal to the payload's node, and order — ``seq`` must grow within a ``boot_id``, and a new
+``boot_id`` must not be older (by the node's own clock) than the one it replaces. A peer
+whose status is ``offline``, or unheard for longer than ``pool.peer_ttl_s``, is listed but
+not placeable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.bus import guard as reasons
+from agent.bus import payloads
+from agent.bus.guard import Guard
+from agent.bus.topics import Address, Kind
+from agent.core.caller import Caller
+from agent.core.pool import Lease, LinkState, Peer, PeerDevice
+from agent.ledger import placement
+
+if TYPE_CHECKING:
+    from agent.bus.connection import Connection
+    from agent.bus.lending import Borrower
+
+#: How long past ``peer_ttl_s`` a silent or offline peer stays listed (as a multiple).
+FORGET_AFTER_TTLS = 3.0
+
+
+@dataclass(slots=True)
+class _Record:
+    node: str
+    boot_id: str
+    newest_ts: float
+    heard_at: float
+    seqs: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, int] = field(default_factory=dict)
+    status: payloads.Status | None = None
+    capacity: payloads.Capacity | None = None
+    idle: payloads.Idle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """Something the lender must act on: a peer went ``offline`` or ``rebooted``."""
+
+    node: str
+    what: str
+
+
+class PeerTable:
+    def __init__(
+        self,
+        me: str,
+        guard: Guard,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.me = me
+        self.guard = guard
+        self._clock = clock
+        self._wall = wall
+        self._peers: dict[str, _Record] = {}
+
+    def receive(
+        self, address: Address, raw: bytes, topic: str, retained: bool = False
+    ) -> Transition | None:
+        """Validate and apply one state message."""
+        kind = payloads.STATE_TYPES.get(address.kind.value)
+        if kind is None:
+            self.guard.drop(reasons.UNEXPECTED, topic, "not a state topic")
+            return None
+        body = self.guard.decode(raw, kind, topic)
+        if body is None:
+            return None
+        if body.node != address.node:
+            self.guard.drop(reasons.SPOOFED, topic, f"payload node {body.node!r}")
+            return None
+        now = self._clock()
+        # A retained message may be old news (replayed at subscribe time): date it by its
+        # timestamp, so that a long-dead peer does not look fresh for a whole TTL.
+        heard = now - max(0.0, self._wall() - body.ts) if retained else now
+        record = self._peers.get(body.node)
+        transition = None
+        if record is None or record.boot_id != body.boot_id:
+            if record is not None and body.ts < record.newest_ts:
+                self.guard.drop(reasons.STALE, topic, f"older boot {body.boot_id}")
+                return None
+            if record is not None:
+                transition = Transition(body.node, "rebooted")
+            record = _Record(body.node, body.boot_id, body.ts, heard)
+            self._peers[body.node] = record
+        elif record.seqs.get(address.kind) == body.seq and record.digests.get(address.kind) == hash(
+            raw
+        ):
+            return None  # QoS 1 is at-least-once: the same message again is no news
+        elif not self._in_order(record, address.kind, body):
+            self.guard.drop(
+                reasons.STALE, topic, f"seq {body.seq} <= {record.seqs.get(address.kind)}"
+            )
+            return None
+        record.seqs[address.kind] = body.seq
+        record.digests[address.kind] = hash(raw)
+        record.newest_ts = max(record.newest_ts, body.ts)
+        record.heard_at = max(record.heard_at, heard)
+        if isinstance(body, payloads.Status):
+            was = record.status.state if record.status else None
+            record.status = body
+            if body.state == "offline" and was != "offline":
+                transition = Transition(body.node, "offline")
+        elif isinstance(body, payloads.Capacity):
+            record.capacity = body
+        else:
+            record.idle = body
+        return transition
+
+    @staticmethod
+    def _in_order(record: _Record, kind: Kind, body: payloads.Envelope) -> bool:
+        last = record.seqs.get(kind)
+        if last is None or body.seq > last:
+            return True
+        # A connection's will shares the seq of the ``online`` that followed its connect.
+        return (
+            body.seq == last
+            and isinstance(body, payloads.Status)
+            and body.state == "offline"
+            and record.status is not None
+            and record.status.state == "online"
+        )
+
+    def peers(self, ttl_s: float) -> list[Peer]:
+        now = self._clock()
+        return [self._peer(r, now, ttl_s) for r in sorted(self._peers.values(), key=_node)]
+
+    @staticmethod
+    def _peer(record: _Record, now: float, ttl_s: float) -> Peer:
+        age = max(0.0, now - record.heard_at)
+        state: str = record.status.state if record.status else "unknown"
+        if state == "online" and age > ttl_s:
+            state = "stale"
+        capacity, idle = record.capacity, record.idle
+        lends = idle is not None and idle.lend
+        return Peer(
+            node=record.node,
+            state=state,
+            placeable=state == "online" and capacity is not None,
+            age_s=age,
+            agent=record.status.agent if record.status else None,
+            devices=tuple(
+                PeerDevice(
+                    id=d.id,
+                    model=d.model,
+                    vendor=d.vendor,
+                    health=d.health,
+                    memory_total_mib=d.memory_total_mib,
+                    memory_free_mib=d.memory_free_mib,
+                    compute_free_pct=d.compute_free_pct,
+                    slices=d.slice_count,
+                    max_slices=d.max_slices,
+                )
+                for d in (capacity.devices if capacity else ())
+            ),
+            lendable_memory_mib=idle.memory_mib if idle and lends else 0,
+            lendable_compute_pct=idle.compute_pct if idle and lends else 0,
+            lends=lends,
+        )
+
+    def forget_silent(self, ttl_s: float) -> list[str]:
+        """Drop peers that are not placeable and unheard for several TTLs."""
+        now = self._clock()
+        gone = [
+            r.node
+            for r in self._peers.values()
+            if now - r.heard_at > FORGET_AFTER_TTLS * ttl_s
+            and not self._peer(r, now, ttl_s).placeable
+        ]
+        for node in gone:
+            del self._peers[node]
+        return gone
+
+
+def _node(record: _Record) -> str:
+    return record.node
+
+
+class MqttPool:
+    """The :class:`agent.core.pool.Pool` of an agent on a bus."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        connection: Connection,
+        borrower: Borrower,
+        guard: Guard,
+        peer_ttl_s: Callable[[], float],
+        policy: Callable[[], placement.Policy],
+    ) -> None:
+        self.table = table
+        self.connection = connection
+        self.borrower = borrower
+        self.guard = guard
+        self._peer_ttl_s = peer_ttl_s
+        self._policy = policy
+
+    def link(self) -> LinkState:
+        connection = self.connection
+        return LinkState(
+            enabled=True,
+            connected=connection.connected,
+            url=connection.endpoint.display(),
+            state=connection.state,
+            protocol=("5" if connection.supports_properties else "3.1.1")
+            if connection.connects
+            else None,
+            connects=connection.connects,
+            received=connection.received,
+            published=connection.published,
+            dropped=dict(self.guard.dropped),
+        )
+
+    def peers(self) -> Sequence[Peer]:
+        return self.table.peers(self._peer_ttl_s())
+
+    async def borrow(
+        self,
+        caller: Caller,
+        demand: placement.Demand,
+        node: str | None,
+        ttl_s: float | None,
+        model: str | None,
+    ) -> Lease:
+        return await self.borrower.borrow(
+            caller, demand, node, ttl_s, model, self.peers(), self._policy()
+        )
+
+    def leases(self) -> Sequence[Lease]:
+        return self.borrower.leases()
+
+    async def give_back(self, caller: Caller, slice_id: str) -> Lease:
+        return await self.borrower.give_back(caller, slice_id)

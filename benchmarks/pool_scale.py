@@ -1,0 +1,212 @@
+"""Pool scale: N simulated peers on one Mosquitto and one real agent.
+
+The peers are lightweight publishers (one MQTT connection publishing every peer's retained
+``status``/``capacity``/``idle``, encoded with the agent's own payload types), not full
+daemons. Measured:
+
+- time from the agent's start to a full pool view (``GET /v1/pool`` lists all N peers);
+- change latency: a peer's capacity changes → visible in the agent's ``/v1/pool``
+  (p50/p99; the agent is polled, so each sample includes one poll's time, also reported);
+- bytes per node per hour at steady state, from a real agent's own publications.
+
+Run: ``python -m benchmarks.pool_scale --peers 1000 2000 [--devices 8] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.bus import payloads
+from agent.bus.topics import Kind, Topics
+from tests.broker import Mosquitto, mqtt_config
+from tests.harness import AgentProcess, short_tmpdir
+
+ZONE = "z"
+
+
+def _client(broker: Mosquitto) -> Any:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:6]}",
+                         protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", broker.port, keepalive=60)
+    client.loop_start()
+    return client
+
+
+def _capacity(node: str, boot: str, seq: int, devices: int, free_mib: int) -> bytes:
+    cards = [
+        payloads.DeviceCapacity(
+            id=f"mock-{i}", model="MockA100-80G", vendor="mock", health="ok",
+            memory_total_mib=81920, memory_free_mib=free_mib if i == 0 else 81920,
+            compute_free_pct=100, slice_count=0, max_slices=10,
+        )
+        for i in range(devices)
+    ]
+    total = payloads.Amounts(memory_mib=81920 * devices, compute_pct=100 * devices,
+                             slices=10 * devices)
+    return msgspec.json.encode(payloads.Capacity(
+        node=node, boot_id=boot, seq=seq, ts=time.time(), devices=cards, capacity=total,
+        allocated=payloads.Amounts(memory_mib=0, compute_pct=0, slices=0), free=total,
+    ))
+
+
+def _publish_peers(client: Any, topics: Topics, n: int, devices: int) -> dict[str, str]:
+    boots = {}
+    infos = []
+    for i in range(n):
+        node = f"sim-{i:05d}"
+        boot = uuid.uuid4().hex[:12]
+        boots[node] = boot
+        status = msgspec.json.encode(payloads.Status(node=node, boot_id=boot, seq=1,
+                                                     ts=time.time(), state="online",
+                                                     agent="sim", since=time.time()))
+        idle = msgspec.json.encode(payloads.Idle(node=node, boot_id=boot, seq=3, ts=time.time(),
+                                                 lend=True, memory_mib=0, compute_pct=0,
+                                                 slices=0, idle_after_s=300))
+        infos.append(client.publish(topics.state(Kind.STATUS, node), status, qos=1, retain=True))
+        infos.append(client.publish(topics.state(Kind.CAPACITY, node),
+                                    _capacity(node, boot, 2, devices, 81920), qos=1, retain=True))
+        infos.append(client.publish(topics.state(Kind.IDLE, node), idle, qos=1, retain=True))
+    for info in infos:
+        info.wait_for_publish(30)
+    return boots
+
+
+def _pool(agent: AgentProcess) -> list[dict[str, Any]]:
+    status, peers, _ = agent.api("GET", "/v1/pool")
+    assert status == 200
+    return list(peers)
+
+
+def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
+    broker = Mosquitto().start()
+    root = f"bench-{uuid.uuid4().hex[:6]}"
+    topics = Topics(root, ZONE, "bench")
+    client = _client(broker)
+    agent = AgentProcess(short_tmpdir(), config=mqtt_config(
+        broker, root, "observer", keepalive_s=30, zone=ZONE,
+    ).replace("heartbeat_s = 5", "heartbeat_s = 30").replace("peer_ttl_s = 10", "peer_ttl_s = 3600"))
+    try:
+        boots = _publish_peers(client, topics, n, devices)
+        started = time.monotonic()
+        agent.start()
+        while len(_pool(agent)) < n:
+            if time.monotonic() - started > 300:
+                raise TimeoutError("pool never filled")
+            time.sleep(0.05)
+        full_view_s = time.monotonic() - started
+        rng = random.Random(7)
+        latencies, polls = [], []
+        for k in range(changes):
+            node = f"sim-{rng.randrange(n):05d}"
+            free = 40960 - k
+            client.publish(topics.state(Kind.CAPACITY, node),
+                           _capacity(node, boots[node], 10 + k, devices, free), qos=1,
+                           retain=True).wait_for_publish(10)
+            sent = time.monotonic()
+            while True:
+                t0 = time.monotonic()
+                peers = _pool(agent)
+                polls.append(time.monotonic() - t0)
+                peer = next(p for p in peers if p["node"] == node)
+                if peer["devices"][0]["memory_free_mib"] == free:
+                    latencies.append(time.monotonic() - sent)
+                    break
+                if time.monotonic() - sent > 30:
+                    raise TimeoutError(f"change to {node} never seen")
+        assert agent.proc is not None
+        rss_mib = __import__("psutil").Process(agent.proc.pid).memory_info().rss / 2**20
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        agent.cleanup()
+        broker.cleanup()
+    latencies.sort()
+    return {
+        "peers": n,
+        "devices_per_peer": devices,
+        "full_view_s": round(full_view_s, 2),
+        "change_p50_ms": round(1000 * statistics.median(latencies), 1),
+        "change_p99_ms": round(1000 * latencies[min(len(latencies) - 1,
+                                                    int(len(latencies) * 0.99))], 1),
+        "poll_p50_ms": round(1000 * statistics.median(polls), 1),
+        "agent_rss_mib": round(rss_mib, 1),
+    }
+
+
+def _bytes_per_hour(window_s: float, heartbeat_s: float) -> dict[str, Any]:
+    """A real agent (8 mock cards, idle) on a broker: what it publishes at steady state."""
+    broker = Mosquitto().start()
+    root = f"bench-{uuid.uuid4().hex[:6]}"
+    received: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="meter", protocol=paho.MQTTv5)
+
+    def on_message(_c: Any, _u: Any, message: Any) -> None:
+        if not message.retain:
+            with lock:
+                received.append((message.topic, len(message.payload) + len(message.topic)))
+
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe(f"{root}/#", qos=1)
+    sub.loop_start()
+    agent = AgentProcess(short_tmpdir(), config=mqtt_config(
+        broker, root, "meter-node", keepalive_s=30, zone=ZONE,
+    ).replace("heartbeat_s = 5", f"heartbeat_s = {heartbeat_s}"),
+        mock_devices='[{ model = "MockA100-80G", memory_mib = 81920, count = 8 }]')
+    try:
+        agent.start()
+        time.sleep(3)  # start-up publications are not steady state
+        with lock:
+            received.clear()
+        time.sleep(window_s)
+        with lock:
+            total = sum(size for _, size in received)
+            count = len(received)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        agent.cleanup()
+        broker.cleanup()
+    per_hour = total * 3600 / window_s
+    return {"window_s": window_s, "heartbeat_s": heartbeat_s, "messages": count,
+            "payload_and_topic_bytes": total, "bytes_per_node_per_hour": round(per_hour),
+            "at_default_heartbeat_30s": round(per_hour * heartbeat_s / 30)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--peers", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--changes", type=int, default=40)
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python "
+                   f"{platform.python_version()}",
+        "scales": [_one_scale(n, args.devices, args.changes) for n in args.peers],
+        "steady_state": _bytes_per_hour(args.window, 10.0),
+    }
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

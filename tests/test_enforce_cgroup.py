@@ -1,0 +1,130 @@
+"""Compute enforcement through a cgroup v2 freezer delegated to the agent
+(``enforcement.cgroup_root``), where the host allows it (root, a writable cgroup v2 tree)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import config as config_mod
+from agent.errors import ConfigError
+from tests.enforce_support import BUSY, cpu_priority, events, proc_state, running, shares
+from tests.harness import AgentProcess, wait_for
+
+__all__ = ["cpu_priority"]  # a fixture, used by name below
+
+
+def _cgroup2_mount() -> Path | None:
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            if right.startswith("cgroup2 "):
+                return Path(left.split()[4])
+    return None
+
+
+@pytest.fixture
+def cgroup_root() -> Iterator[Path]:
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    root = mount / f"xpu-test-{uuid.uuid4().hex[:8]}"
+    try:
+        root.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cgroup v2 tree not writable here: {exc.strerror}")
+    if not (root / "cgroup.freeze").exists():
+        root.rmdir()
+        pytest.skip("kernel without the cgroup v2 freezer")
+    yield root
+    # Whatever is left (a failed test): thaw, then remove the leaves and the root.
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            with contextlib.suppress(OSError):
+                (child / "cgroup.freeze").write_text("0")
+            with contextlib.suppress(OSError):
+                child.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
+def cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as fh:
+        return next(line[3:].strip() for line in fh if line.startswith("0::"))
+
+
+def frozen(where: Path) -> bool:
+    return "frozen 1" in (where / "cgroup.events").read_text()
+
+
+def test_relative_cgroup_root_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"enforcement\.cgroup_root"):
+        config_mod.from_mapping({"version": 1, "enforcement": {"cgroup_root": "xpu"}})
+
+
+def test_a_throttled_run_child_is_frozen_in_its_slice_cgroup(
+    agent_factory: Callable[..., AgentProcess], cgroup_root: Path, cpu_priority: None
+) -> None:
+    agent = agent_factory(
+        config=f'[enforcement]\ncompute_policy = "hard"\ncgroup_root = "{cgroup_root}"\n'
+    )
+    with running(agent, "--memory", "256MiB", "--compute", "30", code=BUSY) as (run, pid):
+        wait_for(lambda: cgroup_of(pid) != cgroup_of(run.pid), 5)
+        slice_id = cgroup_of(pid).rsplit("/", 1)[1]
+        assert slice_id.startswith("s-") and (cgroup_root / slice_id).is_dir()
+        time.sleep(2.5)
+        states = set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            states.add(proc_state(pid))
+            time.sleep(0.003)
+        assert "T" not in states  # frozen, not job-control stopped
+        (got,) = shares([pid], 5.0)
+        assert abs(got - 30) <= 7, got
+    # The slice ended with xpuctl: its cgroup is gone.
+    wait_for(lambda: not (cgroup_root / slice_id).exists(), 5)
+
+
+def test_a_cgroup_left_frozen_by_a_crash_is_thawed_at_start(
+    agent_factory: Callable[..., AgentProcess], cgroup_root: Path, cpu_priority: None
+) -> None:
+    agent = agent_factory(
+        config=f'[enforcement]\ncompute_policy = "hard"\ncgroup_root = "{cgroup_root}"\n'
+    )
+    with running(agent, "--memory", "256MiB", "--compute", "10", code=BUSY) as (_, pid):
+        wait_for(lambda: cgroup_of(pid).startswith(f"/{cgroup_root.name}/"), 5)
+        where = cgroup_root / cgroup_of(pid).rsplit("/", 1)[1]
+        for _attempt in range(10):
+            wait_for(lambda: frozen(where), 5, interval_s=0.002)
+            agent.kill9()
+            if frozen(where):
+                break
+            agent.start()
+        else:
+            pytest.fail("never caught the cgroup frozen")
+        time.sleep(0.5)
+        assert frozen(where)
+        agent.config_path.write_text(agent.config_path.read_text().replace('"hard"', '"off"'))
+        agent.start()
+        assert not frozen(where)
+        (ran,) = shares([pid], 1.0)
+        assert ran > 50, ran
+        (recovered,) = events(agent, "enforce.recovered")
+        assert recovered["data"]["cgroups"] == [where.name]
+
+
+def test_without_a_usable_cgroup_root_signals_are_used(
+    agent_factory: Callable[..., AgentProcess], cpu_priority: None
+) -> None:
+    missing = f"/nonexistent-{uuid.uuid4().hex[:6]}/xpu"
+    agent = agent_factory(
+        config=f'[enforcement]\ncompute_policy = "hard"\ncgroup_root = "{missing}"\n'
+    )
+    assert "cgroup_root unusable; using signals" in agent.log()
+    with running(agent, "--memory", "256MiB", "--compute", "10", code=BUSY) as (_, pid):
+        wait_for(lambda: proc_state(pid) == "T", 5, interval_s=0.002)
