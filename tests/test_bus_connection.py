@@ -155,14 +155,19 @@ async def test_cancelling_publishes_the_goodbye_before_disconnecting(broker: Mos
     assert read_retained(broker, f"{root}/leaver/status") == b"goodbye"
 
 
-@pytest.mark.parametrize("refusal", ["connack", "silence"])
-async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(refusal: str) -> None:
-    """A minimal 3.1.1-only broker: refuses protocol level 5 with a CONNACK (as Mosquitto
-    1.x does) or by closing without one (as amqtt does); accepts 4."""
-    levels: list[int] = []
-    published: list[str] = []
+class FakeBroker:
+    """A minimal MQTT 3.1.1-only broker. ``refusal``: how it turns MQTT 5 away — a
+    CONNACK "unacceptable protocol version" (as Mosquitto 1.x does) or closing without a
+    word (as amqtt does). ``deaf``: it never acknowledges a PUBLISH nor closes on
+    DISCONNECT (a wedged broker)."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, refusal: str = "connack", deaf: bool = False) -> None:
+        self.refusal = refusal
+        self.deaf = deaf
+        self.levels: list[int] = []
+        self.published: list[str] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 header = (await reader.readexactly(1))[0]
@@ -177,9 +182,9 @@ async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(refusal: str) ->
                 kind = header >> 4
                 if kind == 1:  # CONNECT
                     level = body[2 + int.from_bytes(body[0:2], "big")]
-                    levels.append(level)
+                    self.levels.append(level)
                     if level != 4:
-                        if refusal == "connack":
+                        if self.refusal == "connack":
                             writer.write(bytes([0x20, 2, 0, 1]))
                             await writer.drain()
                         return
@@ -193,12 +198,12 @@ async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(refusal: str) ->
                     writer.write(bytes([0x90, 2 + len(codes)]) + body[:2] + bytes(codes))
                 elif kind == 3:  # PUBLISH
                     n = int.from_bytes(body[0:2], "big")
-                    published.append(body[2 : 2 + n].decode())
-                    if (header >> 1) & 3:
+                    self.published.append(body[2 : 2 + n].decode())
+                    if (header >> 1) & 3 and not self.deaf:
                         writer.write(bytes([0x40, 2]) + body[2 + n : 4 + n])
                 elif kind == 12:  # PINGREQ
                     writer.write(bytes([0xD0, 0]))
-                elif kind == 14:  # DISCONNECT
+                elif kind == 14 and not self.deaf:  # DISCONNECT
                     return
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -206,11 +211,36 @@ async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(refusal: str) ->
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+
+@pytest.mark.parametrize("refusal", ["connack", "silence"])
+async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(refusal: str) -> None:
+    fake = FakeBroker(refusal)
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     probe = Probe(f"mqtt://127.0.0.1:{port}", "old", "r", ["r/in"])
     probe.connection.publish(Outgoing("r/hello", b"hi", retain=True), True)
-    async with server, running(probe):
-        await until(lambda: "r/hello" in published, 15)
-        assert probe.connection.protocol is aiomqtt.ProtocolVersion.V311
-        assert levels == [5, 4]
+    async with server:
+        async with running(probe):
+            await until(lambda: "r/hello" in fake.published, 15)
+            assert probe.connection.protocol is aiomqtt.ProtocolVersion.V311
+            assert fake.levels == [5, 4]
+        server.close()
+
+
+async def test_cancel_stops_it_even_when_the_broker_never_answers() -> None:
+    """The daemon's shutdown must not hang on a wedged broker: the goodbye gives up, the
+    DISCONNECT is not acknowledged, and the task still ends."""
+    fake = FakeBroker(deaf=True)
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    probe = Probe(f"mqtt://127.0.0.1:{port}", "stuck", "r", ["r/in"])
+    async with server:
+        task = asyncio.create_task(probe.connection.run())
+        await until(lambda: probe.connection.connected, 15)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)
+        assert time.monotonic() - started < 10
+        assert "r/stuck/status" in fake.published  # the goodbye was at least sent
+        server.close()

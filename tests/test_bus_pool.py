@@ -81,7 +81,7 @@ def test_agents_see_each_other_and_each_others_allocations(
     agents["c"].kill9()
     started = time.monotonic()
     for viewer in ("a", "b"):
-        wait_for(lambda v=viewer: "c" not in placeable(agents[v]), 3.0)
+        wait_for(lambda v=viewer: not peer(agents[v], "c")["placeable"], 3.0)  # type: ignore[index]
     elapsed = time.monotonic() - started
     assert peer(agents["a"], "c")["state"] == "offline"  # type: ignore[index]
     print(f"killed peer offline for the others after {elapsed:.2f}s")

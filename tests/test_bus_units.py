@@ -40,10 +40,10 @@ def test_topics_build_and_parse() -> None:
     assert t.rpc("n2", "borrow") == "xpu/v1/lab/nodes/n2/rpc/borrow"
     assert t.reply_to() == "xpu/v1/lab/nodes/n1/rpc/reply"
     assert t.subscriptions() == [
-        "xpu/v1/lab/nodes/+/status",
-        "xpu/v1/lab/nodes/+/capacity",
-        "xpu/v1/lab/nodes/+/idle",
-        "xpu/v1/lab/nodes/n1/rpc/+",
+        ("xpu/v1/lab/nodes/+/status", 0),
+        ("xpu/v1/lab/nodes/+/capacity", 0),
+        ("xpu/v1/lab/nodes/+/idle", 0),
+        ("xpu/v1/lab/nodes/n1/rpc/+", 1),
     ]
     assert t.parse("xpu/v1/lab/nodes/n2/capacity") == Address("n2", Kind.CAPACITY)
     assert t.parse("xpu/v1/lab/nodes/n2/events") == Address("n2", Kind.EVENTS)

@@ -36,6 +36,7 @@ def test_demo_runs_a_pool_until_ctrl_c() -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env={**agent_env(), "PYTHONPATH": str(REPO)},
+        start_new_session=True,  # its own process group: cleanup reaches the children
     )
     try:
         assert proc.stdout is not None
@@ -73,8 +74,12 @@ def test_demo_runs_a_pool_until_ctrl_c() -> None:
         assert (workdir / ".run" / "demo" / "node-1" / "agent.log").exists()
     finally:
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
         shutil.rmtree(workdir, ignore_errors=True)

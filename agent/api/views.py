@@ -74,20 +74,10 @@ def device_view(service: NodeService, device: Device, caller: Caller) -> schema.
 
 
 def idle_amount(service: NodeService) -> schema.Amount:
-    """Lendable now: unallocated capacity plus slices idle beyond ``pool.idle_after_s``
-    whose owners allow lending (label ``lend=true``)."""
-    capacity, allocated = service.totals()
-    memory = capacity.memory_mib - allocated.memory_mib
-    compute = capacity.compute_pct - allocated.compute_pct
-    slots = capacity.slices - allocated.slices
-    horizon = service.clock() - service.config.pool.idle_after_s
-    for s in service.live.values():
-        usage = service.usage.get(s.id)
-        idle = usage is not None and (usage.last_active_at or 0) < horizon
-        if idle and s.labels.get("lend") == "true" and s.borrower is None:
-            memory += s.memory_mib
-            compute += s.compute_pct
-    return schema.Amount(memory_mib=memory, compute_pct=compute, slices=slots)
+    lendable = service.lendable()
+    return schema.Amount(
+        memory_mib=lendable.memory_mib, compute_pct=lendable.compute_pct, slices=lendable.slices
+    )
 
 
 def node_view(service: NodeService, pool: Pool) -> schema.NodeView:

@@ -129,7 +129,7 @@ class Connection:
         self,
         config: MqttConfig,
         client_id: str,
-        subscriptions: Sequence[str],
+        subscriptions: Sequence[str | tuple[str, int]],
         *,
         on_message: Callable[[aiomqtt.Message], None],
         on_connect: Callable[[], None],
@@ -140,7 +140,8 @@ class Connection:
         self.config = config
         self.endpoint = Endpoint.parse(config.url)
         self.client_id = client_id
-        self.subscriptions = tuple(subscriptions)
+        # (topic filter, QoS); a bare filter is QoS 1.
+        self.subscriptions = tuple((s, 1) if isinstance(s, str) else s for s in subscriptions)
         self._on_message = on_message
         self._on_connect = on_connect
         self._will = will
@@ -148,6 +149,7 @@ class Connection:
         self._clock = clock
         self.protocol = aiomqtt.ProtocolVersion.V5
         self._v5_refused = False
+        self._stopping = False
         self.state = "connecting"
         self.published = 0
         self.received = 0
@@ -259,6 +261,10 @@ class Connection:
             finally:
                 self._client = None
                 self.state = "disconnected"
+            if self._stopping:
+                # Cancelled, and closing the client raised something else on the way out
+                # (a broker that never acknowledges): the cancellation still wins.
+                raise asyncio.CancelledError
             await asyncio.sleep(backoff_s(attempt))
             attempt += 1
 
@@ -300,10 +306,10 @@ class Connection:
         self._client = client
         granted: Sequence[object] = ()
         if self.subscriptions:
-            granted = await client.subscribe([(topic, 1) for topic in self.subscriptions])
+            granted = await client.subscribe(list(self.subscriptions))
         refused = [
             t
-            for t, code in zip(self.subscriptions, granted, strict=False)
+            for (t, _), code in zip(self.subscriptions, granted, strict=False)
             if (_reason_value(code) or 0) >= 0x80
         ]
         if refused:
@@ -318,13 +324,25 @@ class Connection:
         )
         self._on_connect()
         self._wake.set()
+        # Two tasks, the first to end (with the connection's error) ends the session. Not a
+        # TaskGroup: on 3.11 a child failing while the group's __aexit__ waits leaves the
+        # parent task marked as cancelling, which would confuse the reconnect loop.
+        sender = asyncio.create_task(self._sender(client), name="mqtt-send")
+        receiver = asyncio.create_task(self._receiver(client), name="mqtt-receive")
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._sender(client), name="mqtt-send")
-                group.create_task(self._receiver(client), name="mqtt-receive")
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            self._stopping = True
+            sender.cancel()
             await self._say_goodbye(client)
             raise
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+        for task in done:
+            task.result()  # the connection's error
+        raise aiomqtt.MqttError("the session ended")
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         goodbye = self._goodbye()

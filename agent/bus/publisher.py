@@ -18,7 +18,6 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.api.views import idle_amount
 from agent.bus import payloads
 from agent.bus.connection import Outgoing
 from agent.bus.origin import Origin
@@ -145,7 +144,7 @@ class Publisher:
                 slices=0,
                 idle_after_s=pool.idle_after_s,
             )
-        amount = idle_amount(self.service)
+        amount = self.service.lendable()
         return payloads.Idle(
             **self.origin.stamp(),
             lend=True,

@@ -79,10 +79,15 @@ class Topics:
         """The response topic a requester names: its own inbox's ``reply``."""
         return self.rpc(node or self.node, REPLY)
 
-    def subscriptions(self) -> list[str]:
-        """Every peer's retained state, and this node's inbox."""
-        peers = [f"{self.zone_prefix}+/{kind.value}" for kind in STATE_KINDS]
-        return [*peers, f"{self.base()}/rpc/+"]
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Every peer's retained state at QoS 0, and this node's inbox at QoS 1.
+
+        State is retained and republished every heartbeat, so a lost copy heals itself;
+        at QoS 1 a broker would queue it per subscriber, and Mosquitto drops whatever
+        exceeds ``max_queued_messages`` (default 1000): a new agent subscribing to a zone
+        of more than ~330 peers (3 retained topics each) would never see them all."""
+        peers = [(f"{self.zone_prefix}+/{kind.value}", 0) for kind in STATE_KINDS]
+        return [*peers, (f"{self.base()}/rpc/+", 1)]
 
     def parse(self, topic: str) -> Address | None:
         """The node and kind of a topic in this zone; ``None`` for anything else."""

@@ -213,6 +213,21 @@ class NodeService:
         allocated = Totals(sum(s.memory_mib for s in on), sum(s.compute_pct for s in on), len(on))
         return capacity, allocated
 
+    def lendable(self) -> Totals:
+        """Lendable now: unallocated capacity plus slices idle beyond ``pool.idle_after_s``
+        whose owners allow lending (label ``lend=true``). Slots are the free ones only."""
+        capacity, allocated = self.totals()
+        memory = capacity.memory_mib - allocated.memory_mib
+        compute = capacity.compute_pct - allocated.compute_pct
+        horizon = self.clock() - self.config.pool.idle_after_s
+        for s in self._live.values():
+            usage = self.usage.get(s.id)
+            idle = usage is not None and (usage.last_active_at or 0) < horizon
+            if idle and s.labels.get("lend") == "true" and s.borrower is None:
+                memory += s.memory_mib
+                compute += s.compute_pct
+        return Totals(memory, compute, capacity.slices - allocated.slices)
+
     # -- allocation -----------------------------------------------------------------------
 
     def normalise(self, request: SliceRequest) -> SliceRequest:
