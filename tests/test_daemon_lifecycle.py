@@ -16,7 +16,7 @@ import pytest
 
 from agent import supervise
 from agent.systemd import listen_fds
-from tests.harness import AgentProcess, agent_env, json_out, short_tmpdir, wait_for
+from tests.harness import AgentProcess, agent_env, json_out, short_tmpdir, wait_for, xpuctl_popen
 
 
 def test_sighup_reloads_slicing_and_refuses_a_bad_file(
@@ -102,3 +102,18 @@ def test_journald_lines_have_priority_and_no_timestamp() -> None:
     record = json.loads(ready[3:])
     assert "timestamp" not in record and record["node"] == "j"
     assert any(line.startswith("<4>") for line in lines)  # the missing socket group warning
+
+
+def test_sigterm_with_an_open_event_stream_stops_promptly(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    agent = agent_factory()
+    follower = xpuctl_popen(agent.socket, "events", "--follow", stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert agent.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 8
+    finally:
+        follower.kill()
+        follower.wait()

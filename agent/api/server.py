@@ -40,6 +40,7 @@ SERVICE = web.AppKey("service", NodeService)
 POOL = web.AppKey("pool", Pool)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
 CALLER = "xpu.caller"
+STOP_GRACE_S = 2.0
 JSON = "application/json"
 
 
@@ -386,7 +387,11 @@ class ApiServer:
     runner: web.AppRunner | None = None
 
     async def start(self, path: Path, group: str, inherited: socket.socket | None) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Streams (events --follow) never finish by themselves: give in-flight requests
+        # two seconds on stop, not aiohttp's 60 (systemd would SIGKILL us first).
+        self.runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE_S
+        )
         await self.runner.setup()
         if inherited is not None:
             site: web.BaseSite = web.SockSite(self.runner, inherited)
