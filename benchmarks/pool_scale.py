@@ -39,8 +39,9 @@ ZONE = "z"
 
 
 def _client(broker: Mosquitto) -> Any:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:6]}",
-                         protocol=paho.MQTTv5)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", broker.port, keepalive=60)
@@ -51,18 +52,33 @@ def _client(broker: Mosquitto) -> Any:
 def _capacity(node: str, boot: str, seq: int, devices: int, free_mib: int) -> bytes:
     cards = [
         payloads.DeviceCapacity(
-            id=f"mock-{i}", model="MockA100-80G", vendor="mock", health="ok",
-            memory_total_mib=81920, memory_free_mib=free_mib if i == 0 else 81920,
-            compute_free_pct=100, slice_count=0, max_slices=10,
+            id=f"mock-{i}",
+            model="MockA100-80G",
+            vendor="mock",
+            health="ok",
+            memory_total_mib=81920,
+            memory_free_mib=free_mib if i == 0 else 81920,
+            compute_free_pct=100,
+            slice_count=0,
+            max_slices=10,
         )
         for i in range(devices)
     ]
-    total = payloads.Amounts(memory_mib=81920 * devices, compute_pct=100 * devices,
-                             slices=10 * devices)
-    return msgspec.json.encode(payloads.Capacity(
-        node=node, boot_id=boot, seq=seq, ts=time.time(), devices=cards, capacity=total,
-        allocated=payloads.Amounts(memory_mib=0, compute_pct=0, slices=0), free=total,
-    ))
+    total = payloads.Amounts(
+        memory_mib=81920 * devices, compute_pct=100 * devices, slices=10 * devices
+    )
+    return msgspec.json.encode(
+        payloads.Capacity(
+            node=node,
+            boot_id=boot,
+            seq=seq,
+            ts=time.time(),
+            devices=cards,
+            capacity=total,
+            allocated=payloads.Amounts(memory_mib=0, compute_pct=0, slices=0),
+            free=total,
+        )
+    )
 
 
 def _publish_peers(client: Any, topics: Topics, n: int, devices: int) -> dict[str, str]:
@@ -72,15 +88,39 @@ def _publish_peers(client: Any, topics: Topics, n: int, devices: int) -> dict[st
         node = f"sim-{i:05d}"
         boot = uuid.uuid4().hex[:12]
         boots[node] = boot
-        status = msgspec.json.encode(payloads.Status(node=node, boot_id=boot, seq=1,
-                                                     ts=time.time(), state="online",
-                                                     agent="sim", since=time.time()))
-        idle = msgspec.json.encode(payloads.Idle(node=node, boot_id=boot, seq=3, ts=time.time(),
-                                                 lend=True, memory_mib=0, compute_pct=0,
-                                                 slices=0, idle_after_s=300))
+        status = msgspec.json.encode(
+            payloads.Status(
+                node=node,
+                boot_id=boot,
+                seq=1,
+                ts=time.time(),
+                state="online",
+                agent="sim",
+                since=time.time(),
+            )
+        )
+        idle = msgspec.json.encode(
+            payloads.Idle(
+                node=node,
+                boot_id=boot,
+                seq=3,
+                ts=time.time(),
+                lend=True,
+                memory_mib=0,
+                compute_pct=0,
+                slices=0,
+                idle_after_s=300,
+            )
+        )
         infos.append(client.publish(topics.state(Kind.STATUS, node), status, qos=1, retain=True))
-        infos.append(client.publish(topics.state(Kind.CAPACITY, node),
-                                    _capacity(node, boot, 2, devices, 81920), qos=1, retain=True))
+        infos.append(
+            client.publish(
+                topics.state(Kind.CAPACITY, node),
+                _capacity(node, boot, 2, devices, 81920),
+                qos=1,
+                retain=True,
+            )
+        )
         infos.append(client.publish(topics.state(Kind.IDLE, node), idle, qos=1, retain=True))
     for info in infos:
         info.wait_for_publish(30)
@@ -98,9 +138,11 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
     root = f"bench-{uuid.uuid4().hex[:6]}"
     topics = Topics(root, ZONE, "bench")
     client = _client(broker)
-    agent = AgentProcess(short_tmpdir(), config=mqtt_config(
-        broker, root, "observer", keepalive_s=30, zone=ZONE,
-    ).replace("heartbeat_s = 5", "heartbeat_s = 30").replace("peer_ttl_s = 10", "peer_ttl_s = 3600"))
+    config = mqtt_config(broker, root, "observer", keepalive_s=30, zone=ZONE)
+    config = config.replace("heartbeat_s = 5", "heartbeat_s = 30")
+    agent = AgentProcess(
+        short_tmpdir(), config=config.replace("peer_ttl_s = 10", "peer_ttl_s = 3600")
+    )
     try:
         boots = _publish_peers(client, topics, n, devices)
         started = time.monotonic()
@@ -115,9 +157,12 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
         for k in range(changes):
             node = f"sim-{rng.randrange(n):05d}"
             free = 40960 - k
-            client.publish(topics.state(Kind.CAPACITY, node),
-                           _capacity(node, boots[node], 10 + k, devices, free), qos=1,
-                           retain=True).wait_for_publish(10)
+            client.publish(
+                topics.state(Kind.CAPACITY, node),
+                _capacity(node, boots[node], 10 + k, devices, free),
+                qos=1,
+                retain=True,
+            ).wait_for_publish(10)
             sent = time.monotonic()
             while True:
                 t0 = time.monotonic()
@@ -142,8 +187,9 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
         "devices_per_peer": devices,
         "full_view_s": round(full_view_s, 2),
         "change_p50_ms": round(1000 * statistics.median(latencies), 1),
-        "change_p99_ms": round(1000 * latencies[min(len(latencies) - 1,
-                                                    int(len(latencies) * 0.99))], 1),
+        "change_p99_ms": round(
+            1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1
+        ),
         "poll_p50_ms": round(1000 * statistics.median(polls), 1),
         "agent_rss_mib": round(rss_mib, 1),
     }
@@ -166,10 +212,17 @@ def _bytes_per_hour(window_s: float, heartbeat_s: float) -> dict[str, Any]:
     sub.connect("127.0.0.1", broker.port)
     sub.subscribe(f"{root}/#", qos=1)
     sub.loop_start()
-    agent = AgentProcess(short_tmpdir(), config=mqtt_config(
-        broker, root, "meter-node", keepalive_s=30, zone=ZONE,
-    ).replace("heartbeat_s = 5", f"heartbeat_s = {heartbeat_s}"),
-        mock_devices='[{ model = "MockA100-80G", memory_mib = 81920, count = 8 }]')
+    agent = AgentProcess(
+        short_tmpdir(),
+        config=mqtt_config(
+            broker,
+            root,
+            "meter-node",
+            keepalive_s=30,
+            zone=ZONE,
+        ).replace("heartbeat_s = 5", f"heartbeat_s = {heartbeat_s}"),
+        mock_devices='[{ model = "MockA100-80G", memory_mib = 81920, count = 8 }]',
+    )
     try:
         agent.start()
         time.sleep(3)  # start-up publications are not steady state
@@ -185,9 +238,14 @@ def _bytes_per_hour(window_s: float, heartbeat_s: float) -> dict[str, Any]:
         agent.cleanup()
         broker.cleanup()
     per_hour = total * 3600 / window_s
-    return {"window_s": window_s, "heartbeat_s": heartbeat_s, "messages": count,
-            "payload_and_topic_bytes": total, "bytes_per_node_per_hour": round(per_hour),
-            "at_default_heartbeat_30s": round(per_hour * heartbeat_s / 30)}
+    return {
+        "window_s": window_s,
+        "heartbeat_s": heartbeat_s,
+        "messages": count,
+        "payload_and_topic_bytes": total,
+        "bytes_per_node_per_hour": round(per_hour),
+        "at_default_heartbeat_30s": round(per_hour * heartbeat_s / 30),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python "
-                   f"{platform.python_version()}",
+        f"{platform.python_version()}",
         "scales": [_one_scale(n, args.devices, args.changes) for n in args.peers],
         "steady_state": _bytes_per_hour(args.window, 10.0),
     }
