@@ -1,0 +1,287 @@
+"""Placement benchmark on the Alibaba GPU-sharing trace (FGD paper protocol).
+
+    python -m benchmarks.placement --nodes NODES.csv --pods PODS.csv --policy agent \\
+        --seeds 42-51 --json
+
+Per seed: shuffle the tasks, inflate with random draws to 130 % of the cluster's GPUs,
+place them one at a time (a task that fits nowhere is dropped) and record allocated against
+arrived GPU. Reports "unallocated GPU %" at 100 % arrival (mean and SD over seeds) and the
+allocation curve. ``agent*`` policies call the agent's own ``place_on_node`` (the function
+behind ``rank_nodes``); the others are the paper's baselines (benchmarks.placement_baselines).
+See docs/benchmarks.md for the protocol, the trace mapping and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.ledger import placement
+from benchmarks.placement_baselines import (
+    BestFit,
+    DotProduct,
+    FragmentationGradientDescent,
+    GpuClustering,
+    GpuPacking,
+    RandomFit,
+    typical_mix,
+)
+from benchmarks.placement_sim import (
+    MILLI,
+    Choice,
+    Key,
+    NodeSpec,
+    Scorer,
+    Task,
+    allocation_curve,
+    arrival_order,
+    gpu_capacity,
+    load_nodes,
+    load_tasks,
+    replay,
+)
+
+#: Nominal card memory: the trace states GPU *shares* only, so a card is given 1000 MiB and a
+#: task of ``gpu_milli`` asks for that many MiB (memory and compute move together, as with
+#: Alibaba's GPU sharing that isolates both by the same share).
+CARD_MIB = MILLI
+#: The trace sets no per-card limit on sharers; the smallest task is 5 %, so 100 never binds.
+CARD_SLOTS = 100
+
+AGENT_POLICIES: dict[str, placement.Policy] = {
+    "agent": "fragmentation",
+    "agent-best-fit": "best-fit",
+    "agent-spread": "spread",
+}
+BASELINE_POLICIES = ("random", "dot-product", "gpu-clustering", "gpu-packing", "best-fit", "fgd")
+POLICY_NAMES = (*BASELINE_POLICIES, *AGENT_POLICIES)
+
+
+def to_request(task: Task) -> placement.Request:
+    """A trace task as an agent request: a shared task is one card at ``gpu_milli``/10 %
+    (and as many nominal MiB); whole-card tasks are ``num_gpu`` exclusive cards."""
+    if task.gpu_total == 0:
+        return placement.Request(
+            placement.Demand(0, 0), count=0, cpu_milli=task.cpu_milli, memory_mib=task.memory_mib
+        )
+    if not task.shared:
+        return placement.Request(
+            placement.Demand(CARD_MIB, placement.FULL_PCT),
+            count=task.num_gpu,
+            exclusive=True,
+            cpu_milli=task.cpu_milli,
+            memory_mib=task.memory_mib,
+            models=task.gpu_spec,
+        )
+    pct = math.ceil(task.gpu_milli / 10)
+    return placement.Request(
+        placement.Demand(pct * CARD_MIB // 100, pct),
+        cpu_milli=task.cpu_milli,
+        memory_mib=task.memory_mib,
+        models=task.gpu_spec,
+    )
+
+
+def rounded(task: Task, step_pct: int) -> Task:
+    """The task as the agent grants it: its share rounded up to ``step_pct`` (agent's
+    ``round_up_compute``); 100 % becomes a whole card."""
+    if not task.shared:
+        return task
+    pct = placement.round_up_compute(math.ceil(task.gpu_milli / 10), step_pct)
+    return Task(task.cpu_milli, task.memory_mib, 1, pct * 10, task.gpu_spec)
+
+
+def node_state(spec: NodeSpec, key: Key) -> placement.NodeState:
+    """An engine node state as the agent's ``NodeState`` (card ids are positions)."""
+    _, cpu, mem, cards, _ = key
+    return placement.NodeState(
+        id=spec.name,
+        cards=tuple(
+            placement.CardState(
+                id=f"{i:02d}",
+                memory_total_mib=CARD_MIB,
+                memory_free_mib=free * CARD_MIB // MILLI,
+                compute_free_pct=free // 10,
+                slices=0 if free >= MILLI else 1,
+                max_slices=CARD_SLOTS,
+                model=spec.model,
+                node=spec.name,
+            )
+            for i, free in enumerate(cards)
+        ),
+        cpu_free_milli=cpu,
+        memory_free_mib=mem,
+    )
+
+
+@dataclass(slots=True)
+class AgentScorer:
+    """The agent's placement behind the engine: every (node state, task) is scored by
+    ``agent.ledger.placement.place_on_node``; ties go to the lowest node (``rank_nodes``)."""
+
+    policy: placement.Policy
+    mix: tuple[placement.Shape, ...]
+    name: str = "agent"
+    random_ties: bool = False
+    random_card: bool = False
+    track_affinity: bool = False
+    memo: dict[Hashable, float] = field(default_factory=dict)
+
+    def evaluate(self, spec: NodeSpec, key: Key, task: Task) -> Choice | None:
+        candidate = placement.place_on_node(
+            node_state(spec, key), to_request(task), self.policy, self.mix, self.memo
+        )
+        if candidate is None:
+            return None
+        return (round(candidate.score, 9), tuple(int(d) for d in candidate.devices))
+
+
+def make_scorer(policy: str, tasks: Sequence[Task], step_pct: int) -> Scorer:
+    if policy in AGENT_POLICIES:
+        history = [to_request(rounded(t, step_pct)) for t in tasks]
+        return AgentScorer(AGENT_POLICIES[policy], placement.learn_mix(history), name=policy)
+    scorers: dict[str, Scorer] = {
+        "random": RandomFit(),
+        "dot-product": DotProduct(),
+        "gpu-clustering": GpuClustering(),
+        "gpu-packing": GpuPacking(),
+        "best-fit": BestFit(),
+    }
+    if policy == "fgd":
+        return FragmentationGradientDescent(typical_mix(tasks))
+    return scorers[policy]
+
+
+@dataclass(frozen=True, slots=True)
+class SeedResult:
+    seed: int
+    unallocated_pct: float
+    curve: dict[int, float]
+    tasks: int
+    failed: int
+    seconds: float
+
+
+def run_seed(
+    nodes: Sequence[NodeSpec], tasks: Sequence[Task], policy: str, seed: int, step_pct: int
+) -> SeedResult:
+    """One replay. Baselines see the nodes in a per-seed random order (the simulator renames
+    nodes at random and breaks score ties by that order); the agent sees them by id."""
+    started = time.perf_counter()
+    order = arrival_order(tasks, gpu_capacity(nodes), seed)
+    node_order = sorted(nodes, key=lambda n: n.name)  # rank_nodes breaks ties by node id
+    if policy not in AGENT_POLICIES:
+        node_order = list(nodes)
+        random.Random(f"nodes-{seed}").shuffle(node_order)
+    scorer = make_scorer(policy, tasks, step_pct)
+    charge = None
+    if policy in AGENT_POLICIES:
+        charge = lambda t: rounded(t, step_pct)  # noqa: E731
+    run = replay(node_order, order, scorer, seed, charge)
+    curve = allocation_curve(run)
+    return SeedResult(
+        seed=seed,
+        unallocated_pct=round(100.0 - curve[100], 4),
+        curve=curve,
+        tasks=len(order),
+        failed=run.failed,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def _run_seed_args(args: tuple[list[NodeSpec], list[Task], str, int, int]) -> SeedResult:
+    return run_seed(*args)
+
+
+def benchmark(
+    nodes_file: Path,
+    pods_file: Path,
+    policy: str,
+    seeds: Sequence[int],
+    step_pct: int = 1,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Run every seed (in ``jobs`` processes) and summarise as the CLI's JSON object."""
+    started = time.perf_counter()
+    nodes = load_nodes(nodes_file)
+    tasks = load_tasks(pods_file)
+    work = [(nodes, tasks, policy, s, step_pct) for s in seeds]
+    if jobs > 1 and len(seeds) > 1:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(seeds))) as pool:
+            results = list(pool.map(_run_seed_args, work))
+    else:
+        results = [_run_seed_args(w) for w in work]
+    values = [r.unallocated_pct for r in results]
+    common = set.intersection(*(set(r.curve) for r in results)) if results else set()
+    curve = [[p, round(statistics.mean(r.curve[p] for r in results), 3)] for p in sorted(common)]
+    return {
+        "policy": policy,
+        "nodes_file": nodes_file.name,
+        "pods_file": pods_file.name,
+        "seeds": list(seeds),
+        "round_step_pct": step_pct if policy in AGENT_POLICIES else None,
+        "unallocated_pct_at_100": round(statistics.mean(values), 3),
+        "unallocated_pct_sd": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+        "unallocated_pct_per_seed": values,
+        "curve": curve,
+        "tasks_per_seed": [r.tasks for r in results],
+        "failed_tasks_per_seed": [r.failed for r in results],
+        "seconds_per_seed": [r.seconds for r in results],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``42-51`` or ``42,43,50``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    return seeds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.placement", description=__doc__)
+    parser.add_argument(
+        "--nodes", type=Path, required=True, help="node list CSV (sn,cpu_milli,...)"
+    )
+    parser.add_argument(
+        "--pods", type=Path, required=True, help="pod list CSV (name,cpu_milli,...)"
+    )
+    parser.add_argument("--policy", choices=POLICY_NAMES, default="agent")
+    parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("42-51"))
+    parser.add_argument(
+        "--round-step", type=int, default=1, help="agent grant step in %% of a card (1 = exact)"
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not 1 <= args.round_step <= 100 or 100 % args.round_step:
+        parser.error("--round-step must divide 100")
+    result = benchmark(args.nodes, args.pods, args.policy, args.seeds, args.round_step, args.jobs)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['policy']} on {result['pods_file']}: unallocated GPU at 100 % arrival "
+            f"{result['unallocated_pct_at_100']:.2f} % (sd {result['unallocated_pct_sd']:.2f}, "
+            f"{len(result['seeds'])} seeds, {result['wall_seconds']:.0f} s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

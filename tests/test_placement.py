@@ -1,0 +1,444 @@
+"""Placement: the pure policy behind in-node allocation (``rank``) and pool ``place``
+(``rank_nodes``). Examples pin the intended behaviour; properties check the invariants
+(never over-commit, healthy cards only, deterministic whatever the input order)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.ledger import placement as p
+from agent.ledger.placement import CardState, Demand, NodeState, Request, Shape
+
+
+def card(
+    cid: str,
+    free_pct: int = 100,
+    total: int = 1000,
+    free_mib: int | None = None,
+    slices: int = 0,
+    max_slices: int = 10,
+    node: str = "n",
+    model: str = "A",
+    healthy: bool = True,
+) -> CardState:
+    if free_mib is None:
+        free_mib = total * free_pct // 100
+    return CardState(cid, total, free_mib, free_pct, slices, max_slices, model, node, healthy)
+
+
+def used(cid: str, free_pct: int, **kw: object) -> CardState:
+    """A card with one slice holding everything but ``free_pct``."""
+    return card(cid, free_pct, slices=1, **kw)  # type: ignore[arg-type]
+
+
+def shared(pct: int, count: int = 1, cpu: int = 0, mem: int = 0) -> Request:
+    return Request(Demand(pct * 10, pct), count=count, cpu_milli=cpu, memory_mib=mem)
+
+
+def whole(count: int = 1, cpu: int = 0, mem: int = 0, models: Sequence[str] = ()) -> Request:
+    return Request(
+        Demand(1000, 100),
+        count=count,
+        exclusive=True,
+        cpu_milli=cpu,
+        memory_mib=mem,
+        models=frozenset(models),
+    )
+
+
+MIX = (
+    Shape(shared(50), 0.3),
+    Shape(shared(25), 0.2),
+    Shape(whole(), 0.4),
+    Shape(Request(Demand(0, 0), count=0, cpu_milli=8000, memory_mib=8192), 0.1),
+)
+
+
+# --- card level (in-node allocation) ----------------------------------------------------------
+
+
+def test_fits_checks_every_limit() -> None:
+    c = card("0", 50, free_mib=400, slices=2, max_slices=3)
+    assert p.fits(c, Demand(400, 50))
+    assert not p.fits(c, Demand(401, 50))
+    assert not p.fits(c, Demand(400, 51))
+    assert not p.fits(card("0", 50, slices=3, max_slices=3), Demand(1, 1))
+    assert not p.fits(card("0", healthy=False), Demand(1, 1))
+
+
+def test_rank_skips_cards_that_do_not_fit_and_unhealthy_ones() -> None:
+    cards = [card("a", 20), card("b", healthy=False), card("c", 60), card("d", 100, slices=10)]
+    ranked = p.rank(cards, Demand(300, 30), "best-fit")
+    assert [c.device for c in ranked] == ["c"]
+
+
+def test_best_fit_prefers_the_fullest_card_and_spread_the_emptiest() -> None:
+    cards = [card("a", 100), card("b", 60), card("c", 40)]
+    demand = Demand(300, 30)
+    assert p.rank(cards, demand, "best-fit")[0].device == "c"
+    assert p.rank(cards, demand, "spread")[0].device == "a"
+
+
+def test_fragmentation_fills_a_matching_gap_instead_of_opening_a_card() -> None:
+    # 50 % free is exactly one typical half-card request; the empty card stays whole.
+    cards = [card("a", 100), used("b", 50), used("c", 70)]
+    assert p.rank(cards, Demand(500, 50), "fragmentation")[0].device == "b"
+
+
+def test_fragmentation_prefers_a_gap_the_mix_could_not_use_anyway() -> None:
+    # 30 % into 35 % leaves 5 %; but 35 % was already useless to most of the mix, while 55 %
+    # still serves half-card requests: keep that one.
+    cards = [used("a", 35), used("b", 55)]
+    assert p.rank(cards, Demand(300, 30), "fragmentation")[0].device == "a"
+
+
+def test_fragmentation_of_a_card() -> None:
+    mix = ((0.5, 0.5, 1.0),)
+    assert p.fragmentation(1000, 1000, 100, 10, mix) == 0.0  # two halves fill it
+    assert p.fragmentation(1000, 700, 70, 10, mix) == pytest.approx(20.0)  # one half, 20 left
+    assert p.fragmentation(1000, 400, 40, 10, mix) == pytest.approx(40.0)
+    assert p.fragmentation(1000, 1000, 100, 0, mix) == pytest.approx(100.0)  # no slot left
+    assert p.fragmentation(1000, 0, 0, 10, mix) == 0.0
+
+
+def test_rank_orders_ties_by_node_then_device() -> None:
+    cards = [card("b", node="n2"), card("a", node="n2"), card("z", node="n1")]
+    ranked = p.rank(cards, Demand(100, 10), "best-fit")
+    assert [(c.node, c.device) for c in ranked] == [("n1", "z"), ("n2", "a"), ("n2", "b")]
+
+
+@pytest.mark.parametrize(
+    ("pct", "step", "want"),
+    [
+        (1, 10, 10),
+        (10, 10, 10),
+        (11, 10, 20),
+        (47, 10, 50),
+        (81, 10, 90),
+        (95, 10, 100),
+        (47, 1, 47),
+        (100, 1, 100),
+        (33, 25, 50),
+        (99, 50, 100),
+    ],
+)
+def test_round_up_compute(pct: int, step: int, want: int) -> None:
+    assert p.round_up_compute(pct, step) == want
+
+
+@given(st.integers(1, 100), st.sampled_from([1, 2, 4, 5, 10, 20, 25, 50, 100]))
+def test_round_up_compute_is_the_smallest_step_not_below_the_request(pct: int, step: int) -> None:
+    got = p.round_up_compute(pct, step)
+    assert pct <= got <= 100
+    assert got % step == 0 or got == 100
+    assert got - step < pct
+
+
+cards_st = st.builds(
+    lambda i, total, mem_frac, free, slices, max_slices, healthy, node: CardState(
+        id=f"c{i}",
+        memory_total_mib=total,
+        memory_free_mib=int(total * mem_frac),
+        compute_free_pct=free,
+        slices=min(slices, max_slices),
+        max_slices=max_slices,
+        model="A",
+        node=f"n{node}",
+        healthy=healthy,
+    ),
+    st.integers(0, 999),
+    st.sampled_from([1000, 16384, 81920]),
+    st.floats(0, 1),
+    st.integers(0, 100),
+    st.integers(0, 8),
+    st.integers(1, 8),
+    st.booleans(),
+    st.integers(0, 3),
+)
+demand_st = st.builds(Demand, st.integers(0, 81920), st.integers(1, 100))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(cards_st, max_size=12, unique_by=lambda c: (c.node, c.id)), demand_st)
+def test_rank_never_over_commits(cards: list[CardState], demand: Demand) -> None:
+    by_id = {(c.node, c.id): c for c in cards}
+    for policy in p.POLICIES:
+        for cand in p.rank(cards, demand, policy):
+            c = by_id[(cand.node, cand.device)]
+            assert c.healthy
+            assert c.slices < c.max_slices
+            assert demand.memory_mib <= c.memory_free_mib
+            assert demand.compute_pct <= c.compute_free_pct
+            assert cand.memory_free_after_mib == c.memory_free_mib - demand.memory_mib
+            assert cand.compute_free_after_pct == c.compute_free_pct - demand.compute_pct
+        # ... and leaves out nothing that fits
+        assert len(p.rank(cards, demand, policy)) == sum(p.fits(c, demand) for c in cards)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(cards_st, max_size=10, unique_by=lambda c: (c.node, c.id)),
+    demand_st,
+    st.randoms(use_true_random=False),
+)
+def test_rank_is_deterministic_whatever_the_order(
+    cards: list[CardState], demand: Demand, rnd: random.Random
+) -> None:
+    shuffled = list(cards)
+    rnd.shuffle(shuffled)
+    for policy in p.POLICIES:
+        first = p.rank(cards, demand, policy)
+        assert first == p.rank(cards, demand, policy)
+        assert [(c.node, c.device) for c in first] == [
+            (c.node, c.device) for c in p.rank(shuffled, demand, policy)
+        ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 100000),
+    st.floats(0, 1),
+    st.integers(0, 100),
+    st.integers(0, 20),
+    st.lists(st.tuples(st.floats(0.01, 1), st.floats(0, 1), st.floats(0.01, 1)), min_size=1),
+)
+def test_card_fragmentation_is_within_the_free_compute(
+    total: int, mem_frac: float, free: int, slots: int, mix: list[tuple[float, float, float]]
+) -> None:
+    value = p.fragmentation(total, int(total * mem_frac), free, slots, mix)
+    assert 0.0 <= value <= free + 1e-9
+
+
+# --- node level (pool ``place``) ----------------------------------------------------------------
+
+
+def node(
+    nid: str, cards: Sequence[CardState], cpu: int | None = None, mem: int | None = None
+) -> NodeState:
+    return NodeState(nid, tuple(cards), cpu, mem)
+
+
+def test_node_fits_checks_host_resources_models_and_card_count() -> None:
+    n = node("n", [card("0"), used("1", 40)], cpu=8000, mem=16384)
+    assert p.node_fits(n, shared(40, cpu=8000, mem=16384))
+    assert not p.node_fits(n, shared(40, cpu=8001))
+    assert not p.node_fits(n, shared(40, mem=16385))
+    assert p.node_fits(n, whole())
+    assert not p.node_fits(n, whole(2))  # card 1 is in use
+    assert p.node_fits(n, shared(40, count=2))
+    assert not p.node_fits(n, whole(models=["B"]))
+
+
+def test_host_only_request_uses_no_card() -> None:
+    got = p.place_on_node(
+        node("n", [card("0")], cpu=4000), Request(Demand(0, 0), count=0, cpu_milli=4000)
+    )
+    assert got is not None and got.devices == ()
+    assert (
+        p.place_on_node(node("n", [], cpu=3999), Request(Demand(0, 0), count=0, cpu_milli=4000))
+        is None
+    )
+
+
+def test_exclusive_request_takes_idle_cards_only() -> None:
+    n = node("n", [used("0", 99), card("1"), card("2"), card("3", free_pct=100, slices=1)])
+    got = p.place_on_node(n, whole(2), "fragmentation", MIX)
+    assert got is not None and got.devices == ("1", "2")
+    assert p.place_on_node(n, whole(3), "fragmentation", MIX) is None
+
+
+def test_best_fit_and_spread_between_nodes() -> None:
+    nodes = [node("a", [card("0"), card("1")]), node("b", [used("0", 60), card("1")])]
+    assert p.rank_nodes(nodes, shared(30), "best-fit")[0].node == "b"
+    assert p.rank_nodes(nodes, shared(30), "spread")[0].node == "a"
+
+
+def test_fragmentation_keeps_whole_nodes_for_multi_card_requests() -> None:
+    # One card wanted: take it from the node already in use, keep the idle 4-card node whole.
+    nodes = [
+        node("a", [card(str(i)) for i in range(4)], cpu=64000),
+        node("b", [used("0", 0), used("1", 0), used("2", 0), card("3")], cpu=64000),
+    ]
+    assert p.rank_nodes(nodes, whole(1, cpu=8000), "fragmentation", MIX)[0].node == "b"
+
+
+def test_fragmentation_fills_gaps_across_nodes() -> None:
+    nodes = [node("a", [card("0"), card("1")]), node("b", [used("0", 50), card("1")])]
+    best = p.rank_nodes(nodes, shared(50), "fragmentation", MIX)[0]
+    assert (best.node, best.devices) == ("b", ("0",))
+
+
+def test_fragmentation_puts_cpu_only_work_where_it_strands_no_card() -> None:
+    # Node a has idle cards and just enough CPU to feed them; node b's cards are all taken.
+    nodes = [
+        node("a", [card("0"), card("1")], cpu=16000, mem=65536),
+        node("b", [used("0", 0), used("1", 0)], cpu=16000, mem=65536),
+    ]
+    mix = (Shape(whole(cpu=8000, mem=8192), 1.0),)
+    host_only = Request(Demand(0, 0), count=0, cpu_milli=8000, memory_mib=8192)
+    assert p.rank_nodes(nodes, host_only, "fragmentation", mix)[0].node == "b"
+
+
+def test_fragmentation_sends_cpu_hungry_work_to_cpu_rich_nodes() -> None:
+    # Same cards; a has 8 cores per card to spare, b has 40.
+    nodes = [
+        node("a", [card("0"), card("1")], cpu=16000),
+        node("b", [card("0"), card("1")], cpu=80000),
+    ]
+    mix = (Shape(whole(cpu=8000), 1.0),)
+    assert p.rank_nodes(nodes, shared(50, cpu=16000), "fragmentation", mix)[0].node == "b"
+
+
+def test_default_mix_is_the_card_prior() -> None:
+    n = node("n", [card("0", total=81920), used("1", 50, total=16384)])
+    shapes = p.prior_mix(n)
+    assert sum(s.weight for s in shapes) == pytest.approx(1.0)
+    assert {s.request.per_card.compute_pct for s in shapes} == {10, 20, 25, 30, 50, 70, 100}
+    assert p.place_on_node(n, shared(50)) is not None
+
+
+def test_learn_mix_keeps_the_most_common_shapes() -> None:
+    history = [shared(50)] * 6 + [whole()] * 3 + [shared(10)]
+    mix = p.learn_mix(history)
+    assert [s.request for s in mix] == [shared(50), whole(), shared(10)]
+    assert [s.weight for s in mix] == pytest.approx([0.6, 0.3, 0.1])
+    assert [s.request for s in p.learn_mix(history, coverage=0.9)] == [shared(50), whole()]
+    by_gpu = {s.request: s.weight for s in p.learn_mix(history, by_gpu=True)}
+    assert by_gpu == pytest.approx(
+        {shared(50): 300 / 610, whole(): 300 / 610, shared(10): 10 / 610}
+    )
+    assert p.learn_mix([]) == ()
+
+
+def test_request_rejects_negative_amounts() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        Request(Demand(0, 10), count=-1)
+    with pytest.raises(ValueError, match="negative"):
+        Request(Demand(-1, 10))
+
+
+# Properties over random nodes ------------------------------------------------------------------
+
+node_cards_st = st.lists(
+    st.builds(
+        lambda free, slices, healthy, model: (free, slices, healthy, model),
+        st.integers(0, 100),
+        st.integers(0, 4),
+        st.booleans(),
+        st.sampled_from(["A", "B"]),
+    ),
+    max_size=8,
+)
+
+
+@st.composite
+def nodes_st(draw: st.DrawFn) -> list[NodeState]:
+    out = []
+    for n in range(draw(st.integers(1, 5))):
+        cards = []
+        for i, (free, drawn, healthy, model) in enumerate(draw(node_cards_st)):
+            slices = (
+                0 if free == 100 and draw(st.booleans()) else max(drawn, 1 if free < 100 else 0)
+            )
+            cards.append(
+                CardState(f"{i:02d}", 1000, free * 10, free, slices, 4, model, f"n{n}", healthy)
+            )
+        cpu = draw(st.one_of(st.none(), st.integers(0, 64000)))
+        mem = draw(st.one_of(st.none(), st.integers(0, 262144)))
+        out.append(NodeState(f"n{n}", tuple(cards), cpu, mem))
+    return out
+
+
+requests_st = st.one_of(
+    st.builds(
+        lambda pct, count, cpu, mem, models: Request(
+            Demand(pct * 10, pct), count=count, cpu_milli=cpu, memory_mib=mem, models=models
+        ),
+        st.integers(1, 100),
+        st.integers(0, 3),
+        st.integers(0, 32000),
+        st.integers(0, 65536),
+        st.sampled_from([frozenset(), frozenset({"A"}), frozenset({"B", "C"})]),
+    ),
+    st.builds(lambda count, cpu: whole(count, cpu=cpu), st.integers(1, 4), st.integers(0, 32000)),
+)
+
+
+def _check_candidate(nodes: Sequence[NodeState], request: Request, cand: p.NodeCandidate) -> None:
+    n = next(x for x in nodes if x.id == cand.node)
+    assert n.cpu_free_milli is None or request.cpu_milli <= n.cpu_free_milli
+    assert n.memory_free_mib is None or request.memory_mib <= n.memory_free_mib
+    assert len(cand.devices) == request.count == len(set(cand.devices))
+    by_id = {c.id: c for c in n.cards}
+    for d in cand.devices:
+        c = by_id[d]
+        assert c.healthy
+        assert not request.models or c.model in request.models
+        if request.exclusive:
+            assert c.slices == 0 and c.compute_free_pct == 100
+            assert c.memory_free_mib == c.memory_total_mib
+        else:
+            assert c.slices < c.max_slices
+            assert request.per_card.compute_pct <= c.compute_free_pct
+            assert request.per_card.memory_mib <= c.memory_free_mib
+
+
+@settings(max_examples=300, deadline=None)
+@given(nodes_st(), requests_st)
+def test_rank_nodes_never_over_commits_and_misses_no_node(
+    nodes: list[NodeState], request: Request
+) -> None:
+    for policy in p.POLICIES:
+        ranked = p.rank_nodes(nodes, request, policy, MIX)
+        for cand in ranked:
+            _check_candidate(nodes, request, cand)
+        assert {c.node for c in ranked} == {n.id for n in nodes if p.node_fits(n, request)}
+        scores = [round(c.score, 9) for c in ranked]
+        assert scores == sorted(scores)
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes_st(), requests_st, st.randoms(use_true_random=False))
+def test_rank_nodes_is_deterministic_whatever_the_order(
+    nodes: list[NodeState], request: Request, rnd: random.Random
+) -> None:
+    shuffled = [
+        NodeState(
+            n.id, tuple(rnd.sample(n.cards, len(n.cards))), n.cpu_free_milli, n.memory_free_mib
+        )
+        for n in nodes
+    ]
+    rnd.shuffle(shuffled)
+    for policy in p.POLICIES:
+        first = p.rank_nodes(nodes, request, policy, MIX)
+        again = p.rank_nodes(shuffled, request, policy, MIX)
+        assert [(c.node, c.devices) for c in first] == [(c.node, c.devices) for c in again]
+        assert [c.score for c in first] == pytest.approx([c.score for c in again])
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes_st(), st.lists(requests_st, min_size=1, max_size=4))
+def test_memo_changes_nothing(nodes: list[NodeState], requests: list[Request]) -> None:
+    memo: dict[object, float] = {}
+    for request in requests:
+        plain = p.rank_nodes(nodes, request, "fragmentation", MIX)
+        cached = p.rank_nodes(nodes, request, "fragmentation", MIX, memo)
+        assert plain == cached
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes_st())
+def test_fragmentation_is_bounded_by_free_compute(nodes: list[NodeState]) -> None:
+    for n in nodes:
+        free = sum(c.compute_free_pct for c in n.cards if c.healthy)
+        value = p.node_fragmentation(n, MIX)
+        # the lookahead may credit at most what the cards have free; stranding adds at most
+        # the stranding weight times the free compute
+        assert -free - 1e-9 <= value <= free * (1 + p._STRANDING_WEIGHT) + 1e-9
+        if free == 0:
+            assert value == 0.0
