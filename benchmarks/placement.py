@@ -14,6 +14,7 @@ See docs/benchmarks.md for the protocol, the trace mapping and results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -132,6 +133,7 @@ class AgentScorer:
 
     policy: placement.Policy
     mix: tuple[placement.Shape, ...]
+    weights: placement.Weights = placement.DEFAULT_WEIGHTS
     name: str = "agent"
     random_ties: bool = False
     random_card: bool = False
@@ -140,17 +142,23 @@ class AgentScorer:
 
     def evaluate(self, spec: NodeSpec, key: Key, task: Task) -> Choice | None:
         candidate = placement.place_on_node(
-            node_state(spec, key), to_request(task), self.policy, self.mix, self.memo
+            node_state(spec, key), to_request(task), self.policy, self.mix, self.memo, self.weights
         )
         if candidate is None:
             return None
         return (round(candidate.score, 9), tuple(int(d) for d in candidate.devices))
 
 
-def make_scorer(policy: str, tasks: Sequence[Task], step_pct: int) -> Scorer:
+def make_scorer(
+    policy: str,
+    tasks: Sequence[Task],
+    step_pct: int,
+    weights: placement.Weights = placement.DEFAULT_WEIGHTS,
+) -> Scorer:
     if policy in AGENT_POLICIES:
         history = [to_request(rounded(t, step_pct)) for t in tasks]
-        return AgentScorer(AGENT_POLICIES[policy], placement.learn_mix(history), name=policy)
+        mix = placement.learn_mix(history)
+        return AgentScorer(AGENT_POLICIES[policy], mix, weights, name=policy)
     scorers: dict[str, Scorer] = {
         "random": RandomFit(),
         "dot-product": DotProduct(),
@@ -174,7 +182,12 @@ class SeedResult:
 
 
 def run_seed(
-    nodes: Sequence[NodeSpec], tasks: Sequence[Task], policy: str, seed: int, step_pct: int
+    nodes: Sequence[NodeSpec],
+    tasks: Sequence[Task],
+    policy: str,
+    seed: int,
+    step_pct: int,
+    weights: placement.Weights = placement.DEFAULT_WEIGHTS,
 ) -> SeedResult:
     """One replay. Baselines see the nodes in a per-seed random order (the simulator renames
     nodes at random and breaks score ties by that order); the agent sees them by id."""
@@ -184,7 +197,7 @@ def run_seed(
     if policy not in AGENT_POLICIES:
         node_order = list(nodes)
         random.Random(f"nodes-{seed}").shuffle(node_order)
-    scorer = make_scorer(policy, tasks, step_pct)
+    scorer = make_scorer(policy, tasks, step_pct, weights)
     charge = None
     if policy in AGENT_POLICIES:
         charge = lambda t: rounded(t, step_pct)  # noqa: E731
@@ -200,7 +213,9 @@ def run_seed(
     )
 
 
-def _run_seed_args(args: tuple[list[NodeSpec], list[Task], str, int, int]) -> SeedResult:
+def _run_seed_args(
+    args: tuple[list[NodeSpec], list[Task], str, int, int, placement.Weights],
+) -> SeedResult:
     return run_seed(*args)
 
 
@@ -211,12 +226,13 @@ def benchmark(
     seeds: Sequence[int],
     step_pct: int = 1,
     jobs: int = 1,
+    weights: placement.Weights = placement.DEFAULT_WEIGHTS,
 ) -> dict[str, Any]:
     """Run every seed (in ``jobs`` processes) and summarise as the CLI's JSON object."""
     started = time.perf_counter()
     nodes = load_nodes(nodes_file)
     tasks = load_tasks(pods_file)
-    work = [(nodes, tasks, policy, s, step_pct) for s in seeds]
+    work = [(nodes, tasks, policy, s, step_pct, weights) for s in seeds]
     if jobs > 1 and len(seeds) > 1:
         with ProcessPoolExecutor(max_workers=min(jobs, len(seeds))) as pool:
             results = list(pool.map(_run_seed_args, work))
@@ -231,6 +247,7 @@ def benchmark(
         "pods_file": pods_file.name,
         "seeds": list(seeds),
         "round_step_pct": step_pct if policy in AGENT_POLICIES else None,
+        "weights": dataclasses.asdict(weights) if policy in AGENT_POLICIES else None,
         "unallocated_pct_at_100": round(statistics.mean(values), 3),
         "unallocated_pct_sd": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
         "unallocated_pct_per_seed": values,
@@ -267,11 +284,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--round-step", type=int, default=1, help="agent grant step in %% of a card (1 = exact)"
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--stranding-weight",
+        type=float,
+        default=placement.DEFAULT_WEIGHTS.stranding,
+        help="agent only, for ablations (placement.Weights.stranding)",
+    )
+    parser.add_argument(
+        "--lookahead-weight",
+        type=float,
+        default=placement.DEFAULT_WEIGHTS.lookahead,
+        help="agent only, for ablations (placement.Weights.lookahead)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not 1 <= args.round_step <= 100 or 100 % args.round_step:
         parser.error("--round-step must divide 100")
-    result = benchmark(args.nodes, args.pods, args.policy, args.seeds, args.round_step, args.jobs)
+    weights = dataclasses.replace(
+        placement.DEFAULT_WEIGHTS,
+        stranding=args.stranding_weight,
+        lookahead=args.lookahead_weight,
+    )
+    result = benchmark(
+        args.nodes, args.pods, args.policy, args.seeds, args.round_step, args.jobs, weights
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -439,6 +439,6 @@ def test_fragmentation_is_bounded_by_free_compute(nodes: list[NodeState]) -> Non
         value = p.node_fragmentation(n, MIX)
         # the lookahead may credit at most what the cards have free; stranding adds at most
         # the stranding weight times the free compute
-        assert -free - 1e-9 <= value <= free * (1 + p._STRANDING_WEIGHT) + 1e-9
+        assert -free - 1e-9 <= value <= free * (1 + p.DEFAULT_WEIGHTS.stranding) + 1e-9
         if free == 0:
             assert value == 0.0

@@ -122,14 +122,27 @@ DEFAULT_MIX: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 0.25),
 )
 
-#: Weight of "leave the card/node fullest" against fragmentation growth: small enough to only
-#: separate placements whose fragmentation growth is (nearly) equal.
+#: Weight of "leave the card fullest" against fragmentation growth in :func:`score`: small
+#: enough to only separate placements whose fragmentation growth is (nearly) equal.
 _BEST_FIT_WEIGHT = 1e-3
-#: Weight of card compute stranded by spare host CPU/memory against per-shape leftovers
-#: (1 to 10 all beat FGD on the trace; 2 was best, see docs/benchmarks.md).
-_STRANDING_WEIGHT = 2.0
-#: Weight of a card's "fill potential" (see :func:`_card_potential`) against its waste.
-_LOOKAHEAD = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """How the node-level ``fragmentation`` policy weighs its terms. The defaults are the
+    best measured on the Alibaba trace (docs/benchmarks.md); zeros give the ablations."""
+
+    #: card compute the node's spare host CPU/memory could not feed, against per-shape
+    #: leftovers (1 to 10 all beat FGD on the trace; 2 was best)
+    stranding: float = 2.0
+    #: a card's fill potential (see :func:`_card_potential`), against its waste
+    lookahead: float = 1.0
+    #: node (then card) left fullest: separates only placements of (nearly) equal growth
+    best_fit: float = 1e-3
+    card_fit: float = 1e-6
+
+
+DEFAULT_WEIGHTS = Weights()
 
 
 def fits(card: CardState, demand: Demand) -> bool:
@@ -319,15 +332,18 @@ def _copies_on_cards(node: NodeState, request: Request) -> int:
 
 
 def node_fragmentation(
-    node: NodeState, mix: Sequence[Shape], memo: MutableMapping[Hashable, float] | None = None
+    node: NodeState,
+    mix: Sequence[Shape],
+    memo: MutableMapping[Hashable, float] | None = None,
+    weights: Weights = DEFAULT_WEIGHTS,
 ) -> float:
     """How much of the node's free card compute (in % of a card) requests drawn from ``mix``
     could not use; lower is better, only differences between states matter.
 
     The weighted mean over shapes of what each leaves over once the cards are filled with
     copies of it (share, slots and card memory limit the copies; host-only shapes need no card
-    and are left out), plus :data:`_STRANDING_WEIGHT` x the compute the node's spare host CPU
-    or memory could not feed at the mix's average need, minus :data:`_LOOKAHEAD` x the cards'
+    and are left out), plus ``weights.stranding`` x the compute the node's spare host CPU or
+    memory could not feed at the mix's average need, minus ``weights.lookahead`` x the cards'
     fill potential. ``memo`` caches per-card values (see :func:`place_on_node`).
     """
     free = sum(c.compute_free_pct for c in node.cards if c.healthy)
@@ -353,9 +369,9 @@ def node_fragmentation(
         stranded = max(stranded, free - node.cpu_free_milli * compute_need / cpu_need)
     if node.memory_free_mib is not None and memory_need > 0:
         stranded = max(stranded, free - node.memory_free_mib * compute_need / memory_need)
-    frag = unusable / total_weight + _STRANDING_WEIGHT * stranded
-    if _LOOKAHEAD:
-        frag -= _LOOKAHEAD * sum(
+    frag = unusable / total_weight + weights.stranding * stranded
+    if weights.lookahead:
+        frag -= weights.lookahead * sum(
             _card_potential(_card_key(c), mix, memo) for c in node.cards if c.healthy
         )
     return frag
@@ -451,14 +467,17 @@ def _signature(node: NodeState) -> Hashable:
 
 
 def _fragmentation_memo(
-    node: NodeState, mix: Sequence[Shape], memo: MutableMapping[Hashable, float] | None
+    node: NodeState,
+    mix: Sequence[Shape],
+    memo: MutableMapping[Hashable, float] | None,
+    weights: Weights,
 ) -> float:
     if memo is None:
-        return node_fragmentation(node, mix)
-    key = _signature(node)
+        return node_fragmentation(node, mix, None, weights)
+    key = (weights, _signature(node))
     value = memo.get(key)
     if value is None:
-        value = memo[key] = node_fragmentation(node, mix, memo)
+        value = memo[key] = node_fragmentation(node, mix, memo, weights)
     return value
 
 
@@ -510,12 +529,13 @@ def place_on_node(
     policy: Policy = "fragmentation",
     mix: Sequence[Shape] | None = None,
     memo: MutableMapping[Hashable, float] | None = None,
+    weights: Weights = DEFAULT_WEIGHTS,
 ) -> NodeCandidate | None:
     """The best way to put ``request`` on this node, or None if it does not fit.
 
     ``mix`` is the typical request mix (see :func:`learn_mix`; default: :func:`prior_mix`).
     ``memo`` is an optional cache the caller owns, keyed by node resources: pass the same one
-    only together with the same ``mix``.
+    only together with the same ``mix`` (it makes scoring many similar nodes cheap).
     """
     if not _host_ok(node, request):
         return None
@@ -550,7 +570,7 @@ def place_on_node(
             options.append(tuple(fullest[: request.count]))
     before = 0.0
     if policy == "fragmentation":
-        before = _fragmentation_memo(node, shapes, memo)
+        before = _fragmentation_memo(node, shapes, memo, weights)
     best: NodeCandidate | None = None
     best_key: tuple[float, tuple[str, ...]] | None = None
     for chosen in options:
@@ -561,8 +581,12 @@ def place_on_node(
         elif policy == "spread":
             value = -left
         else:
-            growth = _fragmentation_memo(after, shapes, memo) - before
-            value = growth + _BEST_FIT_WEIGHT * left
+            growth = _fragmentation_memo(after, shapes, memo, weights) - before
+            value = (
+                growth
+                + weights.best_fit * left
+                + weights.card_fit * sum(_card_left(after.cards[i]) for i in chosen)
+            )
         devices = tuple(node.cards[i].id for i in chosen)
         key = (round(value, 9), devices)
         if best_key is None or key < best_key:
@@ -581,13 +605,14 @@ def rank_nodes(
     policy: Policy = "fragmentation",
     mix: Sequence[Shape] | None = None,
     memo: MutableMapping[Hashable, float] | None = None,
+    weights: Weights = DEFAULT_WEIGHTS,
 ) -> list[NodeCandidate]:
     """Every node the request fits on, with the cards it would use there, best first
     (lower score; ties to the lower node id)."""
     ranked = [
         candidate
         for node in nodes
-        if (candidate := place_on_node(node, request, policy, mix, memo)) is not None
+        if (candidate := place_on_node(node, request, policy, mix, memo, weights)) is not None
     ]
     ranked.sort(key=lambda c: (round(c.score, 9), c.node, c.devices))
     return ranked
