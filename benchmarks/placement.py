@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -155,6 +156,8 @@ def make_scorer(
     step_pct: int,
     weights: placement.Weights = placement.DEFAULT_WEIGHTS,
 ) -> Scorer:
+    """The policy behind a CLI name; the agent learns its request mix from the pods file
+    (as FGD learns its typical pods), in the rounded form it would be granted."""
     if policy in AGENT_POLICIES:
         history = [to_request(rounded(t, step_pct)) for t in tasks]
         mix = placement.learn_mix(history)
@@ -198,9 +201,7 @@ def run_seed(
         node_order = list(nodes)
         random.Random(f"nodes-{seed}").shuffle(node_order)
     scorer = make_scorer(policy, tasks, step_pct, weights)
-    charge = None
-    if policy in AGENT_POLICIES:
-        charge = lambda t: rounded(t, step_pct)  # noqa: E731
+    charge = functools.partial(rounded, step_pct=step_pct) if policy in AGENT_POLICIES else None
     run = replay(node_order, order, scorer, seed, charge)
     curve = allocation_curve(run)
     return SeedResult(
