@@ -4,12 +4,22 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run dev test lint typecheck unit deps bench bench-full clean deb
+.PHONY: run dev test test-latest lock lint typecheck unit deps bench bench-full clean deb completions
 
-$(STAMP): pyproject.toml
+# Exactly the versions in the lock (hashes checked, nothing resolved), then the project
+# itself, built with the locked setuptools. `make lock` refreshes the lock.
+LOCK         := requirements/all.lock
+RUNTIME_LOCK := requirements/runtime.lock
+UV_VERSION   := 0.13.9
+TOOLS_VENV   := .venv-tools
+UV           := $(TOOLS_VENV)/bin/uv
+LATEST_VENV  := .venv-latest
+
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; exit 1; }
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	@touch $@
 
 # Start the daemon in the foreground on 8 mock cards; no root, no broker.
@@ -52,5 +62,34 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) -m benchmarks.run --full
 
+# Refresh the lock: the newest versions pyproject.toml's ranges allow, for Python 3.11
+# (Debian 12) and newer on every platform. requirements/runtime.lock is the runtime part of
+# the same resolution (the .deb installs it); tests/test_lock.py checks they agree.
+$(UV):
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q uv==$(UV_VERSION)
+
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --custom-compile-command "make lock" -q
+
+lock: $(UV)
+	$(UV) pip compile pyproject.toml requirements/build.in --extra test --upgrade $(LOCK_FLAGS) -o $(LOCK)
+	$(UV) pip compile pyproject.toml requirements/build.in -c $(LOCK) --no-emit-package pip $(LOCK_FLAGS) -o $(RUNTIME_LOCK)
+
+# Drift met on purpose (not in CI): the newest releases the ranges allow, in their own
+# virtual environment, then the whole suite. The lock check is the one test skipped.
+test-latest: deps
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade -e '.[test]'
+	$(LATEST_VENV)/bin/ruff check agent tests benchmarks
+	$(LATEST_VENV)/bin/mypy --strict agent
+	XPU_TEST_LATEST=1 $(LATEST_VENV)/bin/pytest -q
+
+# bash and zsh completion for xpuctl, generated from its argument parser with shtab (a test
+# checks the committed files are current; the .deb installs them).
+completions: $(STAMP)
+	$(PY) scripts/gen-completions.py packaging/completions
+
 clean:
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) $(LATEST_VENV) .run .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -26,12 +26,11 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.bus import payloads
 from agent.bus.topics import Kind, Topics
+from tests import sim_peers
 from tests.broker import Mosquitto, mqtt_config
 from tests.harness import AgentProcess, short_tmpdir
 
@@ -39,92 +38,19 @@ ZONE = "z"
 
 
 def _client(broker: Mosquitto) -> Any:
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
-    )
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", broker.port, keepalive=60)
-    client.loop_start()
-    return client
+    return sim_peers.connect(broker)
 
 
 def _capacity(node: str, boot: str, seq: int, devices: int, free_mib: int) -> bytes:
-    cards = [
-        payloads.DeviceCapacity(
-            id=f"mock-{i}",
-            model="MockA100-80G",
-            vendor="mock",
-            health="ok",
-            memory_total_mib=81920,
-            memory_free_mib=free_mib if i == 0 else 81920,
-            compute_free_pct=100,
-            slice_count=0,
-            max_slices=10,
-        )
-        for i in range(devices)
-    ]
-    total = payloads.Amounts(
-        memory_mib=81920 * devices, compute_pct=100 * devices, slices=10 * devices
-    )
-    return msgspec.json.encode(
-        payloads.Capacity(
-            node=node,
-            boot_id=boot,
-            seq=seq,
-            ts=time.time(),
-            devices=cards,
-            capacity=total,
-            allocated=payloads.Amounts(memory_mib=0, compute_pct=0, slices=0),
-            free=total,
-        )
+    return sim_peers.capacity(
+        node, boot, seq, ["MockA100-80G"] * devices,
+        lambda i: free_mib if i == 0 else sim_peers.CARD_MIB,
     )
 
 
 def _publish_peers(client: Any, topics: Topics, n: int, devices: int) -> dict[str, str]:
-    boots = {}
-    infos = []
-    for i in range(n):
-        node = f"sim-{i:05d}"
-        boot = uuid.uuid4().hex[:12]
-        boots[node] = boot
-        status = msgspec.json.encode(
-            payloads.Status(
-                node=node,
-                boot_id=boot,
-                seq=1,
-                ts=time.time(),
-                state="online",
-                agent="sim",
-                since=time.time(),
-            )
-        )
-        idle = msgspec.json.encode(
-            payloads.Idle(
-                node=node,
-                boot_id=boot,
-                seq=3,
-                ts=time.time(),
-                lend=True,
-                memory_mib=0,
-                compute_pct=0,
-                slices=0,
-                idle_after_s=300,
-            )
-        )
-        infos.append(client.publish(topics.state(Kind.STATUS, node), status, qos=1, retain=True))
-        infos.append(
-            client.publish(
-                topics.state(Kind.CAPACITY, node),
-                _capacity(node, boot, 2, devices, 81920),
-                qos=1,
-                retain=True,
-            )
-        )
-        infos.append(client.publish(topics.state(Kind.IDLE, node), idle, qos=1, retain=True))
-    for info in infos:
-        info.wait_for_publish(30)
-    return boots
+    nodes = [f"sim-{i:05d}" for i in range(n)]
+    return sim_peers.publish(client, topics, nodes, lambda _i: ["MockA100-80G"] * devices)
 
 
 def _pool(agent: AgentProcess) -> list[dict[str, Any]]:

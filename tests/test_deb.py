@@ -207,6 +207,37 @@ def test_installed_files_permissions_and_group(installed: Installed) -> None:
     # The unit's Documentation= points here, uncompressed.
     assert Path("/usr/share/doc/xpu-agent/README.md").exists()
     assert Path("/usr/share/doc/xpu-agent/grafana-dashboard.json").exists()
+    completions = REPO / "packaging" / "completions"
+    assert Path("/usr/share/bash-completion/completions/xpuctl").read_text() == (
+        completions / "xpuctl.bash"
+    ).read_text()
+    assert Path("/usr/share/zsh/vendor-completions/_xpuctl").exists()
+
+
+def test_installed_environment_is_the_runtime_lock(installed: Installed) -> None:
+    """The package's virtual environment holds exactly requirements/runtime.lock (less the
+    build tools the rules remove) and nothing else but the agent."""
+    from tests.test_lock import RUNTIME_LOCK, read_lock
+
+    listed = _run(
+        [
+            str(VENV / "bin" / "python3"),
+            "-c",
+            "import importlib.metadata as m\n"
+            "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+        ]
+    ).stdout.split("\n")
+    installed_versions = {
+        name.lower().replace("_", "-"): version
+        for name, version in (line.split() for line in listed if line.strip())
+    }
+    expected = {
+        name: pin.version
+        for name, pin in read_lock(RUNTIME_LOCK).items()
+        if pin.applies() and name not in {"setuptools", "pip"}
+    }
+    expected["xpu-agent"] = __version__
+    assert installed_versions == expected
 
 
 def test_installed_units_verify(installed: Installed) -> None:

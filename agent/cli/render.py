@@ -3,19 +3,116 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-from texttable import Texttable
 
 from agent.units import format_mib
+
+TYPE_CHECKING = False  # not ``typing``: see agent/cli/xpuctl.py
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class Col:
+    """A table column. Narrow output (the default) drops columns with ``drop`` > 0, lowest
+    first, and then cuts ``shrink`` columns, widest first, until the table fits the
+    terminal; ``--wide`` shows everything whole."""
+
+    __slots__ = ("drop", "header", "shrink")
+
+    def __init__(self, header: str, drop: int = 0, shrink: bool = False) -> None:
+        self.header = header
+        self.drop = drop
+        self.shrink = shrink
+
+
+#: Texttable's layout with a header rule and no vertical lines: one space each side.
+_GAP = 3
+_ELLIPSIS = "…"
+_MIN_CUT = 4
+_SOFT_CUT = 24
+
+
+def terminal_width() -> int:
+    """$COLUMNS, then the terminal's own width, else 80 (pipes, CI logs)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _width(headers: Sequence[str], rows: list[list[str]]) -> int:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    return sum(widths) + _GAP * (len(widths) - 1)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + _ELLIPSIS
+
+
+def _blank(cells: Iterable[str]) -> bool:
+    return all(c in ("", "-") for c in cells)
+
+
+def fit(
+    cols: Sequence[Col], rows: Iterable[Sequence[Any]], width: int | None
+) -> tuple[list[str], list[list[str]]]:
+    """The headers and cells that fit ``width`` columns (``None``: no limit)."""
+    keep = list(cols)
+    cells = [[str(c) for c in row] for row in rows]
+    if width is None:
+        return [c.header for c in keep], cells
+
+    def index(col: Col) -> int:
+        return keep.index(col)
+
+    # First cut long names to a readable length, then drop optional columns (empty ones
+    # first, then by their drop order), then cut further.
+    _shrink(keep, cells, width, _SOFT_CUT)
+    optional = sorted(
+        (c for c in keep if c.drop),
+        key=lambda c: (not _blank(r[index(c)] for r in cells), c.drop),
+    )
+    for col in optional:
+        if _width([c.header for c in keep], cells) <= width:
+            break
+        i = index(col)
+        keep.pop(i)
+        for row in cells:
+            row.pop(i)
+    _shrink(keep, cells, width, _MIN_CUT)
+    return [c.header for c in keep], cells
+
+
+def _shrink(keep: list[Col], cells: list[list[str]], width: int, floor: int) -> None:
+    """Cut the widest shrinkable column, never below ``floor`` (or its header)."""
+    headers = [c.header for c in keep]
+    while (over := _width(headers, cells) - width) > 0:
+        candidates = [
+            (max((len(r[i]) for r in cells), default=0), i)
+            for i, c in enumerate(keep)
+            if c.shrink and max((len(r[i]) for r in cells), default=0) > max(floor, len(c.header))
+        ]
+        if not candidates:
+            return  # nothing left to cut at this floor
+        longest, i = max(candidates)
+        limit = max(floor, len(headers[i]), longest - over)
+        for row in cells:
+            row[i] = _cut(row[i], limit)
 
 
 def _draw(rows: list[Sequence[Any]], headers: Sequence[str] | None) -> str:
     # texttable rather than tabulate: tabulate imports importlib.metadata (~25 ms), which
     # alone would double xpuctl's start-up time.
+    from texttable import Texttable  # noqa: PLC0415 - only when a table is printed
+
     width = len(headers) if headers else max((len(r) for r in rows), default=1)
     drawer = Texttable(max_width=0)
     drawer.set_deco(Texttable.HEADER if headers else 0)
@@ -29,8 +126,13 @@ def _draw(rows: list[Sequence[Any]], headers: Sequence[str] | None) -> str:
     return str(drawer.draw())
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    return _draw(list(rows), headers)
+def table(
+    headers: Sequence[str | Col], rows: Iterable[Sequence[Any]], width: int | None = None
+) -> str:
+    """A table; with ``width``, narrowed to fit it (see :class:`Col`)."""
+    cols = [h if isinstance(h, Col) else Col(h) for h in headers]
+    names, cells = fit(cols, rows, width)
+    return _draw(list(cells), names)
 
 
 def emit_json(data: Any) -> None:
@@ -86,7 +188,7 @@ def status_text(node: dict[str, Any]) -> str:
     return _draw(list(rows), None)
 
 
-def devices_text(devices: list[dict[str, Any]]) -> str:
+def devices_text(devices: list[dict[str, Any]], width: int | None = None) -> str:
     rows = []
     for d in devices:
         used = d["memory_used_mib"]
@@ -101,16 +203,24 @@ def devices_text(devices: list[dict[str, Any]]) -> str:
                 d["health"] + (f": {d['health_reason']}" if d["health_reason"] else ""),
             )
         )
-    text = table(("ID", "MODEL", "MEMORY USED/TOTAL", "UTIL", "SLICES", "HEALTH"), rows)
+    cols = (
+        Col("ID", shrink=True),
+        Col("MODEL", shrink=True),
+        Col("MEMORY USED/TOTAL"),
+        Col("UTIL", drop=2),
+        Col("SLICES", drop=1),
+        Col("HEALTH", shrink=True),
+    )
+    text = table(cols, rows, width)
     slices = [s for d in devices for s in d["slices"]]
-    return text + ("\n\n" + slice_usage_text(slices) if slices else "")
+    return text + ("\n\n" + slice_usage_text(slices, width) if slices else "")
 
 
 def _yes_no(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
-def slice_usage_text(slices: list[dict[str, Any]]) -> str:
+def slice_usage_text(slices: list[dict[str, Any]], width: int | None = None) -> str:
     """Per slice: what it uses against its limits, and what the enforcer did."""
     rows = []
     for s in slices:
@@ -125,11 +235,18 @@ def slice_usage_text(slices: list[dict[str, Any]]) -> str:
                 usage.get("last_action") or "-",
             )
         )
-    headers = ("SLICE", "DEVICE", "MEMORY USED/LIMIT", "COMPUTE USED/QUOTA", "THROTTLED")
-    return table((*headers, "LAST ACTION"), rows)
+    cols = (
+        Col("SLICE"),
+        Col("DEVICE", shrink=True),
+        Col("MEMORY USED/LIMIT"),
+        Col("COMPUTE USED/QUOTA"),
+        Col("THROTTLED", drop=2),
+        Col("LAST ACTION", drop=1, shrink=True),
+    )
+    return table(cols, rows, width)
 
 
-def slices_text(slices: list[dict[str, Any]]) -> str:
+def slices_text(slices: list[dict[str, Any]], width: int | None = None) -> str:
     rows = []
     for s in slices:
         usage = s.get("usage") or {}
@@ -150,22 +267,24 @@ def slices_text(slices: list[dict[str, Any]]) -> str:
                 s["borrower"] or "",
             )
         )
-    headers = (
-        "ID",
-        "DEVICE",
-        "MEMORY",
-        "COMPUTE",
-        "UID",
-        "STATE",
-        "MEM USED",
-        "UTIL",
-        "THROTTLED",
-        "LAST ACTION",
-        "PIDS",
-        "EXPIRES",
-        "BORROWER",
+    # Narrow: what identifies and bounds a slice stays; measurements and details drop first
+    # (THROTTLED is already in STATE).
+    cols = (
+        Col("ID"),
+        Col("DEVICE", shrink=True),
+        Col("MEMORY"),
+        Col("COMPUTE"),
+        Col("UID", drop=8),
+        Col("STATE", shrink=True),
+        Col("MEM USED", drop=5),
+        Col("UTIL", drop=4),
+        Col("THROTTLED", drop=1),
+        Col("LAST ACTION", drop=2, shrink=True),
+        Col("PIDS", drop=6, shrink=True),
+        Col("EXPIRES", drop=7),
+        Col("BORROWER", drop=3, shrink=True),
     )
-    return table(headers, rows)
+    return table(cols, rows, width)
 
 
 def slice_text(s: dict[str, Any]) -> str:
@@ -178,26 +297,119 @@ def slice_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pool_text(peers: list[dict[str, Any]]) -> str:
+def _matches(value: str, wanted: str | None) -> bool:
+    """``wanted`` is ``A|B``: any alternative contained in ``value``, ignoring case."""
+    if not wanted:
+        return True
+    return any(w.strip().lower() in value.lower() for w in wanted.split("|") if w.strip())
+
+
+def filter_peers(
+    peers: list[dict[str, Any]], model: str | None, state: str | None
+) -> list[dict[str, Any]]:
+    """Peers in one of the ``state`` alternatives with a card of one of the ``model``s."""
+    states = {s.strip().lower() for s in (state or "").split("|") if s.strip()}
+    return [
+        p
+        for p in peers
+        if (not states or p["state"].lower() in states)
+        and (not model or any(_matches(d["model"], model) for d in p["devices"]))
+    ]
+
+
+def _models(devices: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d["model"]] = counts.get(d["model"], 0) + 1
+    return ", ".join(f"{n}x {m}" for m, n in sorted(counts.items())) or "-"
+
+
+def _largest_free(devices: list[dict[str, Any]]) -> str:
+    healthy = [d for d in devices if d["health"] == "ok"]
+    if not healthy:
+        return "-"
+    best = max(healthy, key=lambda d: (d["memory_free_mib"], d["compute_free_pct"]))
+    return f"{mib(best['memory_free_mib'])}/{best['compute_free_pct']}%"
+
+
+def _state(peer: dict[str, Any]) -> str:
+    return str(peer["state"]) + ("" if peer["placeable"] else "*")
+
+
+def pool_text(peers: list[dict[str, Any]], width: int | None = None, wide: bool = False) -> str:
+    """One line per peer, sorted by name (``wide``: one line per card, nothing cut)."""
+    ordered = sorted(peers, key=lambda p: p["node"])
+    if wide:
+        return _pool_cards(ordered)
     rows = []
-    for p in peers:
-        free = ", ".join(
-            f"{d['id']}:{mib(d['memory_free_mib'])}/{d['compute_free_pct']}%" for d in p["devices"]
-        )
+    for p in ordered:
+        devices = p["devices"]
         rows.append(
             (
                 p["node"],
-                p["state"] + ("" if p["placeable"] else " (not placeable)"),
-                len(p["devices"]),
-                free or "-",
+                _state(p),
+                len(devices),
+                _models(devices),
+                _largest_free(devices),
+                f"{mib(sum(d['memory_free_mib'] for d in devices))}"
+                f"/{sum(d['compute_free_pct'] for d in devices)}%",
                 f"{mib(p['lendable_memory_mib'])}/{p['lendable_compute_pct']}%",
-                f"{p['age_s']:.1f}s",
+                f"{p['age_s']:.0f}s",
             )
         )
-    return table(("NODE", "STATE", "DEVICES", "FREE (MEM/COMPUTE)", "LENDABLE", "AGE"), rows)
+    cols = (
+        Col("NODE", shrink=True),
+        Col("STATE"),
+        Col("CARDS"),
+        Col("MODELS", drop=3, shrink=True),
+        Col("LARGEST FREE"),
+        Col("FREE TOTAL"),
+        Col("LENDABLE", drop=1),
+        Col("AGE", drop=2),
+    )
+    text = table(cols, rows, width)
+    if any(not p["placeable"] for p in ordered):
+        text += "\n* not placeable: not online, or its capacity has not arrived yet"
+    return text
 
 
-def leases_text(leases: list[dict[str, Any]]) -> str:
+def _pool_cards(peers: list[dict[str, Any]]) -> str:
+    rows = []
+    for p in peers:
+        first = True
+        for d in p["devices"] or [None]:
+            peer_cells = (p["node"], _state(p), f"{p['age_s']:.1f}s") if first else ("", "", "")
+            first = False
+            if d is None:
+                rows.append((*peer_cells[:2], "-", "-", "-", "-", "-", "-", peer_cells[2]))
+                continue
+            rows.append(
+                (
+                    *peer_cells[:2],
+                    d["id"],
+                    d["model"],
+                    d["health"],
+                    f"{mib(d['memory_free_mib'])} / {mib(d['memory_total_mib'])}",
+                    f"{d['compute_free_pct']}%",
+                    d["slices"],
+                    peer_cells[2],
+                )
+            )
+    headers = (
+        "NODE",
+        "STATE",
+        "DEVICE",
+        "MODEL",
+        "HEALTH",
+        "FREE/TOTAL MEM",
+        "FREE COMPUTE",
+        "SLICES",
+        "AGE",
+    )
+    return table(headers, rows)
+
+
+def leases_text(leases: list[dict[str, Any]], width: int | None = None) -> str:
     rows = [
         (
             lease["slice_id"],
@@ -210,10 +422,19 @@ def leases_text(leases: list[dict[str, Any]]) -> str:
         )
         for lease in leases
     ]
-    return table(("LEASE", "LENDER", "DEVICE", "MEMORY", "COMPUTE", "EXPIRES", "UID"), rows)
+    cols = (
+        Col("LEASE"),
+        Col("LENDER", shrink=True),
+        Col("DEVICE", shrink=True),
+        Col("MEMORY"),
+        Col("COMPUTE"),
+        Col("EXPIRES", drop=2),
+        Col("UID", drop=1),
+    )
+    return table(cols, rows, width)
 
 
-def candidates_text(candidates: list[dict[str, Any]]) -> str:
+def candidates_text(candidates: list[dict[str, Any]], width: int | None = None) -> str:
     rows = [
         (
             i + 1,
@@ -225,7 +446,15 @@ def candidates_text(candidates: list[dict[str, Any]]) -> str:
         )
         for i, c in enumerate(candidates)
     ]
-    return table(("RANK", "NODE", "DEVICE", "MODEL", "SCORE", "FREE AFTER"), rows)
+    cols = (
+        Col("RANK"),
+        Col("NODE", shrink=True),
+        Col("DEVICE", shrink=True),
+        Col("MODEL", shrink=True),
+        Col("SCORE", drop=1),
+        Col("FREE AFTER"),
+    )
+    return table(cols, rows, width)
 
 
 def event_line(e: dict[str, Any]) -> str:

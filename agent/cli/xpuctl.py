@@ -12,12 +12,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
 
 from agent import __version__
 from agent.cli import render
 from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, resolve_socket
 from agent.units import parse_compute_pct, parse_duration_s, parse_size_mib
+
+# Not ``typing`` itself: its import alone costs ~3 ms of xpuctl's start-up (mypy reads
+# ``TYPE_CHECKING`` as true by name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,66 +58,248 @@ def _label(text: str) -> tuple[str, str]:
 LABEL = _typed(_label)
 
 
+# What every option accepts, said once (the forms are the ones agent.units parses).
+MEMORY_HELP = "memory: 512MiB|8GiB|8G|<MiB>"
+COMPUTE_HELP = "compute share of the card: 30|30%% (rounded up to the node's step)"
+TTL_HELP = "release after: 90s|10m|1h|2d|<seconds>"
+MODEL_HELP = "only devices whose model contains this: H100"
+MODELS_HELP = "only peers with a card whose model contains one of these: A100|H100"
+
+
+def _common_options() -> _Parser:
+    """``--socket`` and ``--json``, defined once and accepted before or after the command.
+
+    The parent parser is attached to the top level and to every subcommand; ``SUPPRESS``
+    keeps a subcommand that was not given the flag from overwriting the top-level value.
+    """
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="the agent's socket (default: $XPU_AGENT_SOCKET, then the configured one)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the API's JSON (stable, for scripts) instead of a table",
+    )
+    return common
+
+
+def _wide_option() -> _Parser:
+    wide = _Parser(add_help=False)
+    wide.add_argument(
+        "--wide",
+        "-w",
+        action="store_true",
+        help="every column and per-card detail, even past the terminal's width",
+    )
+    return wide
+
+
 def _request_args(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--memory", type=SIZE, required=True, help=f"{what} memory: 512MiB, 8GiB")
-    parser.add_argument("--compute", type=COMPUTE, required=True, help="compute share: 30 or 30%%")
+    parser.add_argument("--memory", type=SIZE, required=True, help=f"{what} {MEMORY_HELP}")
+    parser.add_argument("--compute", type=COMPUTE, required=True, help=COMPUTE_HELP)
 
 
-def _alloc_args(parser: argparse.ArgumentParser) -> None:
-    _request_args(parser, "slice")
-    parser.add_argument("--device", help="pin to this device id")
-    parser.add_argument("--ttl", type=DURATION, help="release after this long: 90s, 10m, 1h")
-    parser.add_argument("--label", type=LABEL, action="append", default=[], help="k=v")
-    parser.add_argument("--priority", type=int, default=0)
+def _slice_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", metavar="ID", help="pin to this device id (see devices)")
+    parser.add_argument("--ttl", type=DURATION, help=TTL_HELP)
+    parser.add_argument(
+        "--label",
+        type=LABEL,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label the slice (repeatable); lend=true offers it to the pool while idle",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="integer; a higher priority is preempted last (default 0)",
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="xpuctl", description="Client of the local xpu-agent.")
-    parser.add_argument("--socket", help="agent socket (env XPU_AGENT_SOCKET)")
-    parser.add_argument("--json", action="store_true", help="print stable JSON")
+# (name, help, example) for every command; the example ends its --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "status": ("node, agent, backends, health, MQTT link, totals", "xpuctl status --json"),
+    "devices": ("devices with telemetry and slices", "xpuctl devices --wide"),
+    "slices": ("the slice table", "xpuctl slices --all"),
+    "alloc": (
+        "allocate a slice",
+        "xpuctl alloc --memory 8GiB --compute 30 --ttl 1h --label team=vision",
+    ),
+    "free": ("release a slice", "xpuctl free s-0123456789ab"),
+    "run": (
+        "run a command in a slice (a new one, or --slice)",
+        "xpuctl run --memory 4GiB --compute 20 -- python3 train.py --epochs 3",
+    ),
+    "attach": (
+        "bind a running process of yours to a slice",
+        "xpuctl attach s-0123456789ab --pid 4242",
+    ),
+    "pool": (
+        "every peer's capacity as last heard, one line per peer",
+        "xpuctl pool --model H100 --state online",
+    ),
+    "place": (
+        "ranked (node, device) candidates across the pool",
+        "xpuctl place --memory 8GiB --compute 30 --model H100",
+    ),
+    "borrow": ("obtain a lease on a peer", "xpuctl borrow --memory 8GiB --compute 30 --ttl 10m"),
+    "leases": (
+        "leases this node borrowed from peers (renewed until returned)",
+        "xpuctl leases --json",
+    ),
+    "return": ("return a borrowed lease to its lender", "xpuctl return s-0123456789ab"),
+    "events": ("the node's event stream", "xpuctl events --follow"),
+    "top": (
+        "live view of devices, slices and the pool (q quits)",
+        "xpuctl top --interval 2",
+    ),
+}
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The command ``argv`` names, read past the top-level options (``None``: none or an
+    unknown one). Lets ``main`` build only that command's parser: building all fourteen
+    costs a few ms of start-up, mostly argparse's gettext look-ups."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--socket":
+            skip = True
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``only``) the top level with just that one command."""
+    common = _common_options()
+    wide = _wide_option()
+    parser = _Parser(
+        prog="xpuctl",
+        description="Client of the local xpu-agent.",
+        parents=[common],
+        epilog="Options such as --json and --socket go before or after the command. "
+        "Example: xpuctl alloc --memory 8GiB --compute 30",
+    )
     parser.add_argument("--version", action="version", version=f"xpuctl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("status", help="node, agent, backends, health, MQTT link, totals")
-    sub.add_parser("devices", help="devices with telemetry and slices")
-    slices = sub.add_parser("slices", help="the slice table")
-    slices.add_argument("--all", action="store_true", help="include released/expired history")
-    alloc = sub.add_parser("alloc", help="allocate a slice")
-    _alloc_args(alloc)
-    alloc.add_argument("--request-id", help="idempotency key")
-    free = sub.add_parser("free", help="release a slice")
-    free.add_argument("slice")
-    run = sub.add_parser("run", help="run a command in a slice")
-    run.add_argument("--slice", help="reuse this slice instead of allocating one")
-    run.add_argument("--memory", type=SIZE)
-    run.add_argument("--compute", type=COMPUTE)
-    run.add_argument("--device")
-    run.add_argument("--ttl", type=DURATION)
-    run.add_argument("--label", type=LABEL, action="append", default=[])
-    run.add_argument("--priority", type=int, default=0)
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    attach = sub.add_parser("attach", help="bind a running process of yours to a slice")
-    attach.add_argument("slice")
-    attach.add_argument("--pid", type=int, required=True)
-    sub.add_parser("pool", help="every peer's capacity as last heard")
-    place = sub.add_parser("place", help="ranked (node, device) candidates")
-    _request_args(place, "requested")
-    place.add_argument("--model", help="only devices whose model contains this")
-    place.add_argument("--limit", type=int, default=10)
-    borrow = sub.add_parser("borrow", help="obtain a lease on a peer")
-    _request_args(borrow, "requested")
-    borrow.add_argument("--node")
-    borrow.add_argument("--ttl", type=DURATION)
-    borrow.add_argument("--model")
-    sub.add_parser("leases", help="leases this node borrowed from peers (renewed until returned)")
-    give_back = sub.add_parser("return", help="return a borrowed lease to its lender")
-    give_back.add_argument("lease")
-    events = sub.add_parser("events", help="the node's event stream")
-    events.add_argument("--follow", "-f", action="store_true")
-    events.add_argument("--limit", type=int, default=50)
-    top = sub.add_parser("top", help="live view of devices, slices and the pool (q quits)")
-    top.add_argument("--once", action="store_true", help="print one frame as text and exit")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    for name, (about, example) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        arguments, tables = _ARGUMENTS[name]
+        command = sub.add_parser(
+            name,
+            help=about,
+            description=about[0].upper() + about[1:] + ".",
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common, wide] if tables else [common],
+        )
+        arguments(command)
     return parser
+
+
+def _no_arguments(_parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _slices_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="include released/expired history")
+
+
+def _alloc_arguments(p: argparse.ArgumentParser) -> None:
+    _request_args(p, "slice")
+    _slice_args(p)
+    p.add_argument(
+        "--request-id",
+        metavar="KEY",
+        help="idempotency key: a retry with the same key returns the same slice",
+    )
+
+
+def _slice_id_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slice", help="slice id (s-...)")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slice", metavar="ID", help="reuse this slice instead of allocating one")
+    p.add_argument("--memory", type=SIZE, help=f"slice {MEMORY_HELP} (without --slice)")
+    p.add_argument("--compute", type=COMPUTE, help=f"{COMPUTE_HELP} (without --slice)")
+    _slice_args(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+
+def _attach_arguments(p: argparse.ArgumentParser) -> None:
+    _slice_id_argument(p)
+    p.add_argument("--pid", type=int, required=True, help="process id (yours)")
+
+
+def _pool_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="A|B", help=MODELS_HELP)
+    p.add_argument(
+        "--state",
+        metavar="STATE",
+        help="only peers in these states: online|stale|offline (A|B for several)",
+    )
+
+
+def _place_arguments(p: argparse.ArgumentParser) -> None:
+    _request_args(p, "requested")
+    p.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--limit", type=int, default=10, help="at most this many (default 10)")
+
+
+def _borrow_arguments(p: argparse.ArgumentParser) -> None:
+    _request_args(p, "requested")
+    p.add_argument("--node", metavar="NAME", help="borrow from this peer only")
+    p.add_argument("--ttl", type=DURATION, help=TTL_HELP)
+    p.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
+
+
+def _return_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lease", help="lease (slice) id, as `leases` shows it")
+
+
+def _events_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--limit", type=int, default=50, help="how many past events (default 50)")
+
+
+def _top_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--once", action="store_true", help="print one frame as text and exit")
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1.0)"
+    )
+
+
+#: command → (its own arguments, whether it prints tables and so takes --wide).
+_ARGUMENTS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], bool]] = {
+    "status": (_no_arguments, False),
+    "devices": (_no_arguments, True),
+    "slices": (_slices_arguments, True),
+    "alloc": (_alloc_arguments, False),
+    "free": (_slice_id_argument, False),
+    "run": (_run_arguments, False),
+    "attach": (_attach_arguments, False),
+    "pool": (_pool_arguments, True),
+    "place": (_place_arguments, True),
+    "borrow": (_borrow_arguments, False),
+    "leases": (_no_arguments, True),
+    "return": (_return_arguments, False),
+    "events": (_events_arguments, False),
+    "top": (_top_arguments, False),
+}
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -269,7 +456,11 @@ def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
     }
     if args.model:
         body["model"] = args.model
-    return _print(args, client.request("POST", "/v1/pool/place", body), render.candidates_text)
+    return _print(
+        args,
+        client.request("POST", "/v1/pool/place", body),
+        lambda cs: render.candidates_text(cs, _width(args)),
+    )
 
 
 def cmd_borrow(client: AgentClient, args: argparse.Namespace) -> int:
@@ -296,16 +487,26 @@ def cmd_return(client: AgentClient, args: argparse.Namespace) -> int:
     return _print(args, lease, lambda x: f"returned {x['slice_id']} to {x['lender']}")
 
 
+def _width(args: argparse.Namespace) -> int | None:
+    """The table width: the terminal's, or no limit with ``--wide``."""
+    return None if args.wide else render.terminal_width()
+
+
+def cmd_pool(client: AgentClient, args: argparse.Namespace) -> int:
+    peers = render.filter_peers(client.get("/v1/pool"), args.model, args.state)
+    return _print(args, peers, lambda ps: render.pool_text(ps, _width(args), args.wide))
+
+
 def dispatch(client: AgentClient, args: argparse.Namespace) -> int:
-    simple: dict[str, tuple[str, Callable[[Any], str]]] = {
-        "status": ("/v1/node", render.status_text),
+    simple: dict[str, tuple[str, Callable[[Any, int | None], str]]] = {
         "devices": ("/v1/devices", render.devices_text),
-        "pool": ("/v1/pool", render.pool_text),
         "leases": ("/v1/pool/leases", render.leases_text),
     }
+    if args.command == "status":
+        return _print(args, client.get("/v1/node"), render.status_text)
     if args.command in simple:
         path, text = simple[args.command]
-        return _print(args, client.get(path), text)
+        return _print(args, client.get(path), lambda data: text(data, _width(args)))
     if args.command == "top":
         # Lazy: curses and the view's code load only for `top`; other commands stay light.
         from agent.cli import top  # noqa: PLC0415
@@ -313,13 +514,14 @@ def dispatch(client: AgentClient, args: argparse.Namespace) -> int:
         return top.run(client, args)
     if args.command == "slices":
         path = "/v1/slices?history=1" if args.all else "/v1/slices"
-        return _print(args, client.get(path), render.slices_text)
+        return _print(args, client.get(path), lambda s: render.slices_text(s, _width(args)))
     handlers: dict[str, Callable[[AgentClient, argparse.Namespace], int]] = {
         "alloc": cmd_alloc,
         "free": cmd_free,
         "attach": cmd_attach,
         "events": cmd_events,
         "run": cmd_run,
+        "pool": cmd_pool,
         "place": cmd_place,
         "borrow": cmd_borrow,
         "return": cmd_return,
@@ -328,7 +530,12 @@ def dispatch(client: AgentClient, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen_command(argv)).parse_args(argv)
+    # The shared options are SUPPRESSed unless given (see _common_options).
+    args.json = getattr(args, "json", False)
+    args.socket = getattr(args, "socket", None)
+    args.wide = getattr(args, "wide", False)
     client = AgentClient(resolve_socket(args.socket))
     try:
         return dispatch(client, args)
