@@ -29,6 +29,7 @@ from agent.core.pool import Pool, StandalonePool
 from agent.core.service import NodeService
 from agent.enforce.loop import Enforcer
 from agent.errors import ConfigError
+from agent.instance import StateLock
 from agent.ledger.store import Ledger
 from agent.supervise import every, supervised
 from agent.systemd import Notifier, listen_fds
@@ -154,6 +155,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         config = self.config
+        # One agent per state directory: a second one refuses before touching anything.
+        state_lock = StateLock(Path(config.paths.state_dir))
+        try:
+            return await self._run_locked(config)
+        finally:
+            state_lock.release()
+
+    async def _run_locked(self, config: Config) -> int:
         # Backend start-up may block (nvmlInit, probing npu-smi): keep it off the loop.
         backends = await asyncio.to_thread(create_backends, config)
         # A first npu-smi discovery may take two calls, each up to its own timeout.

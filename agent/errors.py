@@ -73,3 +73,10 @@ class BackendError(XpuError):
 
     status = 503
     title = "Backend error"
+
+
+class AlreadyRunning(XpuError):
+    """Another agent holds this state directory or serves this socket: refuse to start."""
+
+    status = 409
+    title = "Already running"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import DoesNotFit, NotFound
+from agent.errors import Conflict, DoesNotFit, NotFound
 from agent.ledger import store
 from agent.ledger.store import DeviceCapacity, Ledger, LedgerCorruptError
 from agent.model import ProcessRef, SliceRequest, SliceState
@@ -90,7 +90,7 @@ def test_end_bind_expire_and_lost(tmp_path: Path) -> None:
     ended, event = ledger.end(s.id, SliceState.EXPIRED, "ttl", now + 6)
     assert ended.state is SliceState.EXPIRED and ended.processes == ()
     assert event.kind == "slice.expired"
-    with pytest.raises(NotFound, match="already expired"):
+    with pytest.raises(Conflict, match="already expired"):
         ledger.end(s.id, SliceState.RELEASED, "again", now + 7)
     assert [h.id for h in ledger.history(now)] == [s.id]
     assert ledger.forget_history(now + 100) == 1

@@ -5,12 +5,33 @@ Only msgspec is imported here so that the client stays light.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 API_PREFIX = "/v1"
 PROBLEM_TYPE_BASE = "https://xpu-agent.dev/problems/"
+
+# Every number and string a caller sends is bounded here, at the edge: msgspec refuses
+# anything outside with a 400 that names the field, and the OpenAPI document shows the
+# same bounds (it is generated from these types).
+#: 1 MiB .. 1 PiB: no card is larger, and the ledger's integers stay far from overflow.
+MemoryMib = Annotated[int, msgspec.Meta(ge=1, le=2**30)]
+ComputePct = Annotated[int, msgspec.Meta(ge=1, le=100)]
+#: A slice or lease lives at most a year; a longer one is a mistake, not a plan.
+MAX_TTL_S = 366 * 86400.0
+TtlS = Annotated[float, msgspec.Meta(gt=0, le=MAX_TTL_S)]
+#: Linux's pid_max is at most 2^22.
+Pid = Annotated[int, msgspec.Meta(ge=1, le=2**22)]
+Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,253}$")]
+LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=100)]
+#: Event sequence numbers are SQLite integers (signed 64 bits).
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -18,32 +39,40 @@ class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class AllocateBody(Body):
-    memory_mib: int
-    compute_pct: int
-    device: str | None = None
-    ttl_s: float | None = None
-    labels: dict[str, str] = msgspec.field(default_factory=dict)
-    priority: int = 0
-    request_id: str | None = None
+    """A slice to allocate on this node (``POST /v1/slices``)."""
+
+    memory_mib: MemoryMib
+    compute_pct: ComputePct
+    device: Name | None = None
+    ttl_s: TtlS | None = None
+    labels: Labels = msgspec.field(default_factory=dict)
+    priority: Priority = 0
+    request_id: Name | None = None
 
 
 class BindBody(Body):
-    pid: int
+    """A process to bind to a slice (yours, or one that presents the slice's token)."""
+
+    pid: Pid
 
 
 class PlaceBody(Body):
-    memory_mib: int
-    compute_pct: int
-    model: str | None = None
-    limit: int = 10
+    """A request to rank (node, device) candidates for, across the pool."""
+
+    memory_mib: MemoryMib
+    compute_pct: ComputePct
+    model: Name | None = None
+    limit: Limit = 10
 
 
 class BorrowBody(Body):
-    memory_mib: int
-    compute_pct: int
-    node: str | None = None
-    ttl_s: float | None = None
-    model: str | None = None
+    """A lease to borrow from a peer (``node``, else the best one that lends)."""
+
+    memory_mib: MemoryMib
+    compute_pct: ComputePct
+    node: NodeName | None = None
+    ttl_s: TtlS | None = None
+    model: Name | None = None
 
 
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):

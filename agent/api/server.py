@@ -30,6 +30,7 @@ from agent.core.caller import Caller, is_admin
 from agent.core.pool import Pool, place_across
 from agent.core.service import NodeService
 from agent.errors import BadRequest, NotFound, PayloadTooLarge, XpuError
+from agent.instance import refuse_live_socket
 from agent.ledger import placement
 from agent.model import SliceRequest
 
@@ -70,6 +71,22 @@ async def _body(request: web.Request, kind: type[msgspec.Struct]) -> Any:
         raise BadRequest(f"invalid body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within ``low..high``, else a 400 that names it."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be {low}..{high}, got {value}")
+    return value
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -187,10 +204,10 @@ async def post_processes(request: web.Request) -> web.Response:
 async def delete_process(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     caller = caller_of(request)
-    try:
-        pid = int(request.match_info["pid"])
-    except ValueError:
-        raise BadRequest("pid must be an integer") from None
+    text = request.match_info["pid"]
+    if not text.isdigit() or not 1 <= int(text) <= 2**22:
+        raise BadRequest(f"pid must be an integer 1..{2**22}, got {text[:40]!r}")
+    pid = int(text)
     slice_ = await service.unbind(caller, request.match_info["id"], pid)
     return _json(views.slice_view(service, slice_, caller))
 
@@ -206,15 +223,13 @@ async def post_place(request: web.Request) -> web.Response:
         body.memory_mib,
         placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
     )
-    if demand.memory_mib <= 0 or not 1 <= demand.compute_pct <= 100:
-        raise BadRequest("memory_mib must be positive and compute_pct 1..100")
     ranked = place_across(
         service.card_states(),
         request.app[POOL].peers(),
         demand,
         service.config.slicing.placement,
         body.model,
-        max(1, min(body.limit, 100)),
+        body.limit,
     )
     return _json(
         [
@@ -263,19 +278,16 @@ def _event_view(event: Any) -> schema.EventView:
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise BadRequest("after and limit must be integers") from None
+    after = _query_int(request, "after", 0, 0, 2**63 - 1)
+    limit = _query_int(request, "limit", 100, 1, 10_000)
     follow = request.query.get("follow", "0") in {"1", "true", "yes"}
     if not follow:
-        return _json([_event_view(e) for e in await service.events(after, max(1, limit))])
+        return _json([_event_view(e) for e in await service.events(after, limit)])
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     async with service.hub.follow() as queue:
         last = after
-        for event in await service.events(after, max(1, limit)):
+        for event in await service.events(after, limit):
             await response.write(msgspec.json.encode(_event_view(event)) + b"\n")
             last = event.seq
         while True:
@@ -415,6 +427,7 @@ class ApiServer:
 
 def _prepare_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_live_socket(path)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 

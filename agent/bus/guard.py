@@ -70,3 +70,6 @@ class Guard:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             self.drop(MALFORMED, topic, str(exc))
             return None
+        except RecursionError:
+            self.drop(MALFORMED, topic, "nested too deeply")
+            return None

@@ -73,6 +73,8 @@ class PeerTable:
         if kind is None:
             self.guard.drop(reasons.UNEXPECTED, topic, "not a state topic")
             return None
+        if not raw:
+            return self._cleared(address)
         body = self.guard.decode(raw, kind, topic)
         if body is None:
             return None
@@ -116,6 +118,24 @@ class PeerTable:
         else:
             record.idle = body
         return transition
+
+    def _cleared(self, address: Address) -> Transition | None:
+        """An empty message is MQTT's deletion of a retained one (an operator clearing a
+        decommissioned node, or the node itself): forget that part of the peer; without its
+        status the peer is gone, and what it borrowed is reclaimed as for ``offline``."""
+        record = self._peers.get(address.node)
+        if record is None:
+            return None
+        if address.kind is Kind.STATUS:
+            del self._peers[address.node]
+            return Transition(address.node, "offline")
+        if address.kind is Kind.CAPACITY:
+            record.capacity = None
+        elif address.kind is Kind.IDLE:
+            record.idle = None
+        record.seqs.pop(address.kind, None)
+        record.digests.pop(address.kind, None)
+        return None
 
     @staticmethod
     def _in_order(record: _Record, kind: Kind, body: payloads.Envelope) -> bool:

@@ -32,7 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--nodes", type=int, default=3, help="how many agents (1-16)")
     demo.add_argument("--check", action="store_true", help="only say which broker would run")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and exit (0: valid; 2: the first bad key, named)",
+    )
+    check.add_argument("file", type=Path, help="the TOML file to check")
     return parser
+
+
+def check_config(path: Path) -> int:
+    """What ``reload`` would say of ``path``, without starting anything."""
+    from agent import config as config_mod  # noqa: PLC0415
+    from agent.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        config = config_mod.load(path)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok (node {config.node_name}, backends {', '.join(config.backends.enabled)})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             print("xpu-agent demo: error: --nodes must be 1..16", file=sys.stderr)
             return 2
         return demo.run(args.nodes)
+    if args.command == "check-config":
+        return check_config(args.file)
     # Imports after parsing: --help and --version stay fast.
     from agent import config as config_mod  # noqa: PLC0415
     from agent import logs  # noqa: PLC0415
-    from agent.errors import ConfigError  # noqa: PLC0415
+    from agent.errors import AlreadyRunning, ConfigError  # noqa: PLC0415
 
     logs.configure(args.log_level)
     env_path = os.environ.get("XPU_AGENT_CONFIG")
@@ -64,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"xpu-agent: config error: {exc}", file=sys.stderr)
         return 2
+    except AlreadyRunning as exc:
+        print(f"xpu-agent: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from agent.core.caller import Caller, require_owner, require_process_owner
 from agent.core.events import EventHub
 from agent.core.inventory import Inventory, InventoryChange
 from agent.core.slice_env import slice_environment
-from agent.errors import BadRequest, DoesNotFit, NotFound
+from agent.errors import BadRequest, Conflict, DoesNotFit, NotFound
 from agent.ledger import placement
-from agent.ledger.store import DeviceCapacity, Ledger
+from agent.ledger.store import LIVE_STATES, DeviceCapacity, Ledger
 from agent.ledger.worker import LedgerWorker
 from agent.model import (
     Device,
@@ -342,10 +342,14 @@ class NodeService:
     ) -> Slice:
         current = await self.get(slice_id)
         require_owner(caller, current, "release")
+        if current.state.value not in LIVE_STATES:
+            return current  # released already: a retried DELETE is answered, not refused
         why = reason or f"released by {caller.name}"
         now = self.clock()
-
-        ended, event = await self._run(lambda: self._ledger.end(slice_id, state, why, now))
+        try:
+            ended, event = await self._run(lambda: self._ledger.end(slice_id, state, why, now))
+        except Conflict:
+            return await self.get(slice_id)  # ended meanwhile by another caller
         self._apply_delta(remove=[slice_id], events=[event])
         self.usage.pop(slice_id, None)
         log.debug("slice ended", slice=slice_id, state=state.value, reason=why)

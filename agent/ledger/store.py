@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from agent.errors import BadRequest, DoesNotFit, NotFound, XpuError
+from agent.errors import BadRequest, Conflict, DoesNotFit, NotFound, XpuError
 from agent.model import Event, ProcessRef, Slice, SliceRequest, SliceState
 
 LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
@@ -265,9 +265,18 @@ class Ledger:
         with self._write() as db:
             if request.request_id is not None:
                 row = db.execute(
-                    "SELECT id FROM slices WHERE owner_uid = ? AND request_id = ?",
+                    "SELECT id, state FROM slices WHERE owner_uid = ? AND request_id = ?",
                     (request.owner_uid, request.request_id),
                 ).fetchone()
+                if row is not None and row[1] not in LIVE_STATES:
+                    # The retry of a request whose slice has ended since: not a new slice
+                    # (that would double-allocate on a late retry), and not the dead one.
+                    raise Conflict(
+                        f"request_id {request.request_id!r} made slice {row[0]}, which is "
+                        f"{row[1]}; use a new request_id for a new slice",
+                        slice_id=row[0],
+                        state=row[1],
+                    )
                 if row is not None:
                     return self._slices("id = ?", (row[0],))[0], None
             used = db.execute(
@@ -333,7 +342,7 @@ class Ledger:
             if row is None:
                 raise NotFound(f"no slice {slice_id!r}")
             if row[0] not in LIVE_STATES:
-                raise NotFound(f"slice {slice_id!r} is already {row[0]}")
+                raise Conflict(f"slice {slice_id!r} is already {row[0]}", state=row[0])
             db.execute(
                 "UPDATE slices SET state = ?, ended_at = ? WHERE id = ?",
                 (state.value, now, slice_id),
