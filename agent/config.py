@@ -42,6 +42,14 @@ class ApiConfig(_Section):
     socket_group: str = "xpu"
     admin_group: str = ""
     max_body_bytes: int = 64 * 1024
+    #: Open connections at most, in total and per peer uid (kept below RLIMIT_NOFILE).
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    #: A connection must send a complete request (headers) within this, then keep-alive.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    #: listen(2) backlog: a burst of clients waits here instead of being refused.
+    backlog: int = 1024
 
 
 class MockDeviceConfig(_Section):
@@ -216,7 +224,17 @@ def _check(config: Config) -> None:
         parse_duration_s(config.pool.lease_ttl_s)
     except ValueError as exc:
         raise ConfigError("pool.lease_ttl_s", str(exc)) from None
+    _check_api(config.api)
     _check_metrics(config.metrics)
+
+
+def _check_api(api: ApiConfig) -> None:
+    for key in ("max_body_bytes", "max_connections", "max_connections_per_uid", "backlog"):
+        if getattr(api, key) < 1:
+            raise ConfigError(f"api.{key}", "must be at least 1")
+    for key in ("header_timeout_s", "body_timeout_s"):
+        if not 0 < getattr(api, key) <= 3600:
+            raise ConfigError(f"api.{key}", "must be more than 0 and at most 3600")
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -42,6 +44,66 @@ class _JournalRenderer:
         rendered = self._json(logger, method, event)
         text = rendered.decode() if isinstance(rendered, bytes) else rendered
         return f"<{prio}>{text}"
+
+
+class RateLimit(logging.Filter):
+    """At most ``burst`` warnings or errors per message per ``every_s``; the next one that
+    passes says how many were suppressed. Every error path of the agent — a malformed HTTP
+    request, a failing accept(), a tool that fails every sample — goes through the root
+    handler, so none of them can flood the journal however often it fires. Info and debug
+    records pass untouched."""
+
+    def __init__(
+        self, every_s: float = 10.0, burst: int = 5, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.burst = burst
+        self._clock = clock
+        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}
+
+    @staticmethod
+    def _key(record: logging.LogRecord) -> tuple[str, str]:
+        msg = record.msg
+        text = msg.get("event", "") if isinstance(msg, dict) else msg
+        return record.name, str(text)[:200]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = self._key(record)
+        now = self._clock()
+        start, passed, suppressed = self._windows.get(key, (now, 0, 0))
+        if now - start >= self.every_s:
+            start, passed = now, 0
+        if passed >= self.burst:
+            self._windows[key] = (start, passed, suppressed + 1)
+            return False
+        self._windows[key] = (start, passed + 1, 0)
+        if suppressed:
+            if isinstance(record.msg, dict):
+                record.msg = {**record.msg, "suppressed": suppressed}
+            else:
+                record.msg = f"{record.msg} (suppressed {suppressed} similar)"
+        if len(self._windows) > 10_000:  # bounded: forget the oldest windows
+            for old in sorted(self._windows, key=lambda k: self._windows[k][0])[:5_000]:
+                del self._windows[old]
+        return True
+
+
+class ClientFault(logging.Filter):
+    """aiohttp logs a malformed request (bad header, bad request line) as an error with a
+    traceback; it is the client's fault, not ours: one warning line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("aiohttp.http_exceptions"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"malformed HTTP request: {' '.join(str(exc).split())[:200]}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def configure(level: str = "info") -> None:
@@ -78,7 +140,9 @@ def configure(level: str = "info") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientFault())

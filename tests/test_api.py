@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
 import stat
 
 from agent.api.server import ROUTES
@@ -40,6 +42,17 @@ def test_unknown_route_and_method_are_problems(agent: AgentProcess) -> None:
     assert status == 404 and ctype == "application/problem+json"
     status, _, ctype = agent.api("PUT", "/v1/node")
     assert status == 405 and ctype == "application/problem+json"
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.connect(str(agent.socket))
+    conn.request("PUT", "/v1/slices")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 405 and set(response.getheader("Allow", "").split(",")) >= {
+        "GET",
+        "POST",
+    }
 
 
 def test_malformed_bodies_get_400_never_500(agent: AgentProcess) -> None:
@@ -62,15 +75,41 @@ def test_oversized_body_is_413(agent: AgentProcess) -> None:
     assert status == 413 and ctype == "application/problem+json"
 
 
-def test_openapi_matches_routes(agent: AgentProcess) -> None:
+def test_openapi_describes_what_the_server_answers(agent: AgentProcess) -> None:
     status, doc, _ = agent.api("GET", "/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    assert documented == {(r.method, r.path) for r in ROUTES}
+    assert documented == {(r.method, r.path) for r in ROUTES}  # the router's own table
+    # Every documented operation is served: probed on the live agent with an unknown id,
+    # it answers one of the statuses the document lists for it (never 405, never an
+    # undocumented one).
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path == "/v1/events":
+                continue  # follow=1 streams; probed below with its parameters
+            concrete = path.replace("{id}", "s-000000000000").replace("{pid}", "4242")
+            body = {} if "requestBody" in op else None
+            got, _, _ = agent.api(method.upper(), concrete, body)
+            assert str(got) in op["responses"], (method, path, got, sorted(op["responses"]))
+    events = doc["paths"]["/v1/events"]["get"]
+    assert agent.api("GET", "/v1/events?after=0&limit=5")[0] == 200
+    assert {p["name"] for p in events["parameters"]} == {"after", "limit", "follow"}
     alloc = doc["paths"]["/v1/slices"]["post"]
+    assert {"200", "201", "400", "409", "500"} <= set(alloc["responses"])
+    assert set(alloc["responses"]["201"]["links"]) == {"GetSlice", "ReleaseSlice", "BindProcess"}
     ref = alloc["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     body = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert {"memory_mib", "compute_pct"} <= set(body["required"])
+    props = body["properties"]
+    assert props["memory_mib"]["minimum"] == 1 and props["memory_mib"]["maximum"] == 2**30
+    assert props["compute_pct"]["maximum"] == 100
+    ttl = props["ttl_s"]["anyOf"][0]
+    assert ttl["exclusiveMinimum"] == 0 and ttl["maximum"] <= 366 * 86400
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]
+    unbind = doc["paths"]["/v1/slices/{id}/processes/{pid}"]["delete"]["parameters"]
+    pid = next(p for p in unbind if p["name"] == "pid")
+    assert pid["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**22}
 
 
 def test_socket_is_not_world_accessible(agent: AgentProcess) -> None:

@@ -103,7 +103,8 @@ def test_two_busy_slices_on_one_card_get_30_and_70_percent(
         )
         table = agent.xpuctl("devices").stdout
         assert "COMPUTE USED/QUOTA" in table and "compute throttle" in table
-        assert agent.xpuctl("slices").stdout.count(" yes ") == 2
+        assert agent.xpuctl("slices").stdout.count("active (throttled)") == 2
+        assert agent.xpuctl("slices", "--wide").stdout.count(" yes ") == 2
 
 
 def test_alone_a_slice_may_use_idle_compute_unless_the_policy_is_hard(

@@ -3,6 +3,11 @@ found (a real agent process, a real socket)."""
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +17,15 @@ import pytest
 
 from tests import sim_peers
 from tests.broker import MOSQUITTO, Mosquitto, mqtt_config, publish_raw, topic_root
-from tests.harness import PY, REPO, AgentProcess, agent_env, short_tmpdir, wait_for
+from tests.harness import (
+    PY,
+    REPO,
+    AgentProcess,
+    agent_env,
+    short_tmpdir,
+    wait_for,
+    xpuctl_popen,
+)
 
 
 def daemon(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -171,3 +184,155 @@ def test_an_empty_retained_status_removes_the_peer(
     wait_for(lambda: nodes() == {"stays"}, 5)
     dropped = me.api("GET", "/v1/node")[1]["mqtt"]["dropped"]
     assert dropped.get("malformed", 0) == 0, dropped
+
+
+# -- idle connections cannot take the API down ---------------------------------------------
+
+FLOOD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sys.argv[1])
+        held.append(s)
+    except OSError:
+        s.close()
+# Refused connections are closed by the agent as it accepts them: they read EOF.
+for s in held:
+    s.setblocking(False)
+closed, deadline = set(), time.monotonic() + 5
+while len(closed) < len(held) - int(sys.argv[4]) and time.monotonic() < deadline:
+    for i, s in enumerate(held):
+        if i not in closed:
+            try:
+                if s.recv(1) == b"":
+                    closed.add(i)
+            except BlockingIOError:
+                pass
+    time.sleep(0.05)
+print(len(held), len(closed), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user and prlimit")
+def test_idle_connections_of_one_user_leave_the_api_to_others(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    from tests.test_authz import GROUP, ensure_group, ensure_user
+
+    ensure_group(GROUP)
+    flooder = ensure_user("xa-flooder", [GROUP])
+    agent = agent_factory(
+        config=f'[api]\nsocket_group = "{GROUP}"\nmax_connections_per_uid = 16\n'
+        "header_timeout_s = 30\n"
+    )
+    assert agent.proc is not None
+    os.chmod(agent.dir, 0o755)  # let the user reach the socket; its own mode decides
+    # systemd's default soft limit; the agent must stay usable under it.
+    resource.prlimit(agent.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+    flood = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={flooder.uid}",
+            f"--regid={flooder.uid}",
+            "--init-groups",
+            PY,
+            "-c",
+            FLOOD,
+            str(agent.socket),
+            "1100",
+            "20",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert flood.stdout is not None
+        held, closed = map(int, flood.stdout.readline().split())
+        assert held == 1100 and closed == 1100 - 16, (held, closed)
+        started = time.monotonic()
+        status = agent.xpuctl("--json", "status")  # root: another uid
+        assert status.returncode == 0, status.stderr
+        assert time.monotonic() - started < 5
+        time.sleep(1.5)  # a few samples while the flood holds its connections
+        devices = agent.api("GET", "/v1/devices")[1]
+        assert all(d["memory_used_mib"] is not None for d in devices)
+    finally:
+        flood.kill()
+        flood.wait()
+        if flood.stdout is not None:
+            flood.stdout.close()
+    log = agent.log()
+    assert "Too many open files" not in log
+    refusals = log.count("API connection refused")
+    assert 1 <= refusals <= 12, refusals  # rate-limited: ~1,084 refusals, a handful of lines
+
+
+def test_a_connection_that_sends_nothing_is_closed(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    agent = agent_factory(config="[api]\nheader_timeout_s = 1\nbody_timeout_s = 1\n")
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.settimeout(5)
+    idle.connect(str(agent.socket))
+    started = time.monotonic()
+    assert idle.recv(1) == b""  # closed by the agent
+    assert 0.5 < time.monotonic() - started < 4
+    idle.close()
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.settimeout(5)
+    slow.connect(str(agent.socket))
+    slow.sendall(
+        b"POST /v1/slices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    answer = slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400") and b"in time" in answer, answer[:200]
+    slow.close()
+
+
+def test_warnings_are_rate_limited_per_message() -> None:
+    import logging
+
+    from agent.logs import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(every_s=10, burst=3, clock=lambda: now[0])
+
+    def record(msg: object, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("x", level, __file__, 1, msg, None, None)
+
+    passed = [limit.filter(record({"event": "accept failed"})) for _ in range(100)]
+    assert passed.count(True) == 3
+    assert limit.filter(record({"event": "another"}))  # each message has its own budget
+    assert all(limit.filter(record("info", logging.INFO)) for _ in range(50))
+    now[0] = 11.0
+    summary = record({"event": "accept failed"})
+    assert limit.filter(summary) and summary.msg["suppressed"] == 97  # type: ignore[index]
+
+
+def test_clients_wait_in_a_full_backlog_instead_of_failing(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    agent = agent_factory(config="[api]\nbacklog = 2\n")
+    assert agent.proc is not None
+    os.kill(agent.proc.pid, signal.SIGSTOP)  # accepts nothing: the backlog fills
+    try:
+        clients = [
+            xpuctl_popen(
+                agent.socket, "--json", "status", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(12)
+        ]
+        time.sleep(1.5)
+        early = [c.poll() for c in clients]
+        assert early == [None] * 12, early  # none gave up on a full backlog
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    for client in clients:
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 0, err
+        assert json.loads(out)["node"] == "test-node"

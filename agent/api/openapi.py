@@ -14,7 +14,19 @@ from agent.api.schema import Problem
 
 
 @dataclass(frozen=True, slots=True)
+class Param:
+    """A path or query parameter, with the bounds the handler enforces."""
+
+    name: str
+    where: str  # "path" | "query"
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
+    """One route: the handler, and what the OpenAPI document says of it."""
+
     method: str
     path: str
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -22,15 +34,26 @@ class Route:
     body: Any = None
     response: Any = None
     status: int = 200
+    #: Problem statuses the route can answer besides 500 (which every route can).
+    errors: tuple[int, ...] = ()
+    #: Other success statuses (e.g. 200 for a replayed allocation next to 201).
+    also: tuple[int, ...] = ()
+    params: tuple[Param, ...] = ()
+    #: The success body's media type when it is not JSON.
+    media_type: str = "application/json"
+    #: OpenAPI links from the success response: name → (operationId, {param: expression}).
+    links: dict[str, tuple[str, dict[str, str]]] | None = None
 
 
 _ERRORS = {
-    "400": "Malformed input",
-    "403": "Not allowed",
-    "404": "Unknown id",
-    "409": "Does not fit / conflict",
-    "413": "Body too large",
-    "503": "Backend or bus unavailable",
+    400: "Malformed input: the detail names the field",
+    403: "Not allowed",
+    404: "Unknown id",
+    409: "Does not fit, or conflicts with the current state",
+    413: "Body too large",
+    500: "Internal error",
+    503: "Backend, bus or ledger unavailable",
+    507: "The ledger cannot commit (disk full)",
 }
 
 
@@ -45,22 +68,44 @@ def openapi_document(routes: Sequence[Route], version: str) -> dict[str, Any]:
     problem = {"application/problem+json": {"schema": lookup[Problem]}}
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        declared = {p.name: p for p in route.params}
         params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": declared[name].schema if name in declared else {"type": "string"},
+            }
             for name in re.findall(r"{(\w+)}", route.path)
         ]
+        params += [
+            {"name": p.name, "in": "query", "required": False, "schema": p.schema}
+            | ({"description": p.description} if p.description else {})
+            for p in route.params
+            if p.where == "query"
+        ]
+        body = (
+            {route.media_type: {"schema": lookup[route.response]}}
+            if route.response is not None
+            else {route.media_type: {"schema": {"type": "string"}}}
+            if route.media_type != "application/json"
+            else {"application/json": {"schema": {"type": "object"}}}
+        )
+        ok: dict[str, Any] = {"description": "OK", "content": body}
+        if route.links:
+            ok["links"] = {
+                name: {"operationId": op, "parameters": parameters}
+                for name, (op, parameters) in route.links.items()
+            }
+        responses: dict[str, Any] = {str(route.status): ok}
+        for code in route.also:
+            responses[str(code)] = {"description": "OK (repeated request)", "content": body}
+        for code in sorted({*route.errors, 500}):
+            responses[str(code)] = {"description": _ERRORS[code], "content": problem}
         op: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.handler.__name__,
-            "responses": {
-                str(route.status): {
-                    "description": "OK",
-                    "content": {"application/json": {"schema": lookup[route.response]}}
-                    if route.response is not None
-                    else {"application/json": {}},
-                },
-                **{code: {"description": d, "content": problem} for code, d in _ERRORS.items()},
-            },
+            "responses": responses,
         }
         if params:
             op["parameters"] = params

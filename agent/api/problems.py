@@ -39,4 +39,8 @@ def from_http(error: web.HTTPException, path: str) -> web.Response:
     detail = error.text or error.reason
     if detail.startswith(f"{error.status}:"):
         detail = detail.split(":", 1)[1].strip()
-    return problem_response(error.status, error.reason, detail, path, None)
+    response = problem_response(error.status, error.reason, detail, path, None)
+    # RFC 9110: a 405 says which methods the resource has.
+    if "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    return response

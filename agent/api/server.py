@@ -23,7 +23,8 @@ from aiohttp import web
 
 from agent import __version__
 from agent.api import schema, views
-from agent.api.openapi import Route, openapi_document
+from agent.api.gate import ConnectionGate, GatedListener
+from agent.api.openapi import Param, Route, openapi_document
 from agent.api.peercred import peer_credentials
 from agent.api.problems import from_error, from_http, problem_response
 from agent.core.caller import Caller, is_admin
@@ -61,18 +62,44 @@ async def _body(request: web.Request, kind: type[msgspec.Struct]) -> Any:
     ):
         raise PayloadTooLarge(f"body over {request.app[SERVICE].config.api.max_body_bytes} bytes")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(request.app[SERVICE].config.api.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise BadRequest("the body did not arrive in time") from None
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVICE].config.api.max_body_bytes
         raise PayloadTooLarge(f"body over {limit} bytes") from None
     try:
-        return msgspec.json.decode(raw, type=kind)
+        return msgspec.convert(_integral(msgspec.json.decode(raw)), type=kind)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("body is nested too deeply") from None
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts ``3160.0`` as an integer (2020-12 §6.1.1); msgspec's strict
+    typing does not. Integral floats become ints before validation, so a body the OpenAPI
+    document admits is never refused for its spelling; nothing else is coerced."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _query_flag(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "0")
+    if text not in _FLAGS:
+        raise BadRequest(f"{name} must be one of {', '.join(_FLAGS)}, got {text[:40]!r}")
+    return _FLAGS[text]
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -155,7 +182,7 @@ async def get_device(request: web.Request) -> web.Response:
 
 async def get_slices(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    history = request.query.get("history", "0") in {"1", "true", "yes"}
+    history = _query_flag(request, "history")
     caller = caller_of(request)
     return _json([views.slice_view(service, s, caller) for s in await service.slices(history)])
 
@@ -280,7 +307,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     after = _query_int(request, "after", 0, 0, 2**63 - 1)
     limit = _query_int(request, "limit", 100, 1, 10_000)
-    follow = request.query.get("follow", "0") in {"1", "true", "yes"}
+    follow = _query_flag(request, "follow")
     if not follow:
         return _json([_event_view(e) for e in await service.events(after, limit)])
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -311,12 +338,33 @@ async def get_metrics(request: web.Request) -> web.Response:
     )
 
 
+_WRITE = (400, 403, 404, 409, 413, 503, 507)
+_ID = Param("id", "path", {"type": "string", "minLength": 1, "maxLength": 128})
+_PID = Param("pid", "path", {"type": "integer", "minimum": 1, "maximum": 2**22})
+_FLAG = {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/health", get_health, "Liveness", response=schema.HealthView),
     Route("GET", "/v1/node", get_node, "Node summary", response=schema.NodeView),
     Route("GET", "/v1/devices", get_devices, "Devices", response=list[schema.DeviceView]),
-    Route("GET", "/v1/devices/{id}", get_device, "One device", response=schema.DeviceView),
-    Route("GET", "/v1/slices", get_slices, "Slices", response=list[schema.SliceView]),
+    Route(
+        "GET",
+        "/v1/devices/{id}",
+        get_device,
+        "One device",
+        response=schema.DeviceView,
+        errors=(404,),
+        params=(_ID,),
+    ),
+    Route(
+        "GET",
+        "/v1/slices",
+        get_slices,
+        "Slices",
+        response=list[schema.SliceView],
+        errors=(400,),
+        params=(Param("history", "query", _FLAG, "include ended slices"),),
+    ),
     Route(
         "POST",
         "/v1/slices",
@@ -325,9 +373,32 @@ ROUTES: tuple[Route, ...] = (
         body=schema.AllocateBody,
         response=schema.SliceView,
         status=201,
+        also=(200,),
+        errors=_WRITE,
+        links={
+            "GetSlice": ("get_slice", {"id": "$response.body#/id"}),
+            "ReleaseSlice": ("delete_slice", {"id": "$response.body#/id"}),
+            "BindProcess": ("post_processes", {"id": "$response.body#/id"}),
+        },
     ),
-    Route("GET", "/v1/slices/{id}", get_slice, "One slice", response=schema.SliceView),
-    Route("DELETE", "/v1/slices/{id}", delete_slice, "Release", response=schema.SliceView),
+    Route(
+        "GET",
+        "/v1/slices/{id}",
+        get_slice,
+        "One slice",
+        response=schema.SliceView,
+        errors=(404,),
+        params=(_ID,),
+    ),
+    Route(
+        "DELETE",
+        "/v1/slices/{id}",
+        delete_slice,
+        "Release (a repeated release answers the ended slice)",
+        response=schema.SliceView,
+        errors=(403, 404, 503, 507),
+        params=(_ID,),
+    ),
     Route(
         "POST",
         "/v1/slices/{id}/processes",
@@ -336,6 +407,8 @@ ROUTES: tuple[Route, ...] = (
         body=schema.BindBody,
         response=schema.SliceView,
         status=201,
+        errors=_WRITE,
+        params=(_ID,),
     ),
     Route(
         "DELETE",
@@ -343,6 +416,8 @@ ROUTES: tuple[Route, ...] = (
         delete_process,
         "Unbind a process",
         response=schema.SliceView,
+        errors=(400, 403, 404, 503, 507),
+        params=(_ID, _PID),
     ),
     Route("GET", "/v1/pool", get_pool, "Peers as last heard", response=list[schema.PeerView]),
     Route(
@@ -352,6 +427,7 @@ ROUTES: tuple[Route, ...] = (
         "Ranked candidates",
         body=schema.PlaceBody,
         response=list[schema.CandidateView],
+        errors=(400, 413),
     ),
     Route(
         "POST",
@@ -361,6 +437,8 @@ ROUTES: tuple[Route, ...] = (
         body=schema.BorrowBody,
         response=schema.LeaseView,
         status=201,
+        errors=(400, 403, 404, 409, 413, 503, 507),
+        links={"ReturnLease": ("delete_lease", {"id": "$response.body#/slice_id"})},
     ),
     Route("GET", "/v1/pool/leases", get_leases, "Leases borrowed", response=list[schema.LeaseView]),
     Route(
@@ -369,10 +447,32 @@ ROUTES: tuple[Route, ...] = (
         delete_lease,
         "Return a borrowed lease",
         response=schema.LeaseView,
+        errors=(403, 404, 503),
+        params=(_ID,),
     ),
-    Route("GET", "/v1/events", get_events, "Events", response=list[schema.EventView]),
+    Route(
+        "GET",
+        "/v1/events",
+        get_events,
+        "Events (newline-delimited JSON with follow=1)",
+        response=list[schema.EventView],
+        errors=(400,),
+        params=(
+            Param("after", "query", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 10_000}),
+            Param("follow", "query", _FLAG, "stream new events until the client closes"),
+        ),
+    ),
     Route("GET", "/v1/openapi.json", get_openapi, "This document", response=None),
-    Route("GET", "/metrics", get_metrics, "Prometheus exposition", response=None),
+    Route(
+        "GET",
+        "/metrics",
+        get_metrics,
+        "Prometheus exposition",
+        response=None,
+        errors=(404,),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    ),
 )
 
 
@@ -393,34 +493,55 @@ def build_app(
 
 @dataclass(slots=True)
 class ApiServer:
-    """Runs the app on the configured socket path, or on a socket systemd passed us."""
+    """Runs the app on the configured socket path, or on a socket systemd passed us.
+
+    The listening socket is ours (not an aiohttp site) so that every connection passes the
+    :class:`~agent.api.gate.ConnectionGate` before aiohttp sees it; aiohttp's keep-alive
+    timer closes a connection that sends no complete request within
+    ``api.header_timeout_s`` (the first one included), and a body must arrive within
+    ``api.body_timeout_s``.
+    """
 
     app: web.Application
     runner: web.AppRunner | None = None
+    listener: GatedListener | None = None
 
     async def start(self, path: Path, group: str, inherited: socket.socket | None) -> None:
+        config = self.app[SERVICE].config.api
         # Streams (events --follow) never finish by themselves: give in-flight requests
         # two seconds on stop, not aiohttp's 60 (systemd would SIGKILL us first).
         self.runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE_S
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=STOP_GRACE_S,
+            keepalive_timeout=config.header_timeout_s,
         )
         await self.runner.setup()
+        server = self.runner.server
+        assert server is not None
+        gate = ConnectionGate(config.max_connections, config.max_connections_per_uid)
         if inherited is not None:
-            site: web.BaseSite = web.SockSite(self.runner, inherited)
-        else:
-            await asyncio.to_thread(_prepare_socket_path, path)
-            # Create the socket with no access for others from the first instant.
-            old = os.umask(0o117)
-            try:
-                site = web.UnixSite(self.runner, str(path))
-                await site.start()
-            finally:
-                os.umask(old)
-            set_socket_group(path, group)
+            self.listener = GatedListener(inherited, server, gate)
             return
-        await site.start()
+        await asyncio.to_thread(_prepare_socket_path, path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Create the socket with no access for others from the first instant.
+        old = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        sock.listen(config.backlog)
+        set_socket_group(path, group)
+        self.listener = GatedListener(sock, server, gate)
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
 

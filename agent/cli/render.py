@@ -229,19 +229,20 @@ def slice_usage_text(slices: list[dict[str, Any]], width: int | None = None) -> 
             (
                 s["id"],
                 s["device"],
-                f"{mib(usage.get('memory_used_mib'))} / {mib(s['memory_mib'])}",
-                f"{pct(usage.get('compute_used_pct'))} / {s['compute_pct']}%",
+                f"{mib(usage.get('memory_used_mib'))}/{mib(s['memory_mib'])}",
+                f"{pct(usage.get('compute_used_pct'))}/{s['compute_pct']}%",
                 _yes_no(usage.get("throttled")),
                 usage.get("last_action") or "-",
             )
         )
+    # THROTTLED goes first when narrow: LAST ACTION ("compute throttle") says it too.
     cols = (
         Col("SLICE"),
         Col("DEVICE", shrink=True),
-        Col("MEMORY USED/LIMIT"),
+        Col("MEM USED/LIMIT"),
         Col("COMPUTE USED/QUOTA"),
-        Col("THROTTLED", drop=2),
-        Col("LAST ACTION", drop=1, shrink=True),
+        Col("THROTTLED", drop=1),
+        Col("LAST ACTION", drop=2, shrink=True),
     )
     return table(cols, rows, width)
 

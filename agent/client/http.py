@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 from collections.abc import Iterator
 
 # Not ``typing`` itself: its import alone costs ~3 ms of xpuctl's start-up (mypy reads
@@ -55,15 +56,26 @@ class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
+        self.timeout: float = timeout
 
     def connect(self) -> None:
+        # Connect *blocking*, bounded by SO_SNDTIMEO: a non-blocking connect (what a Python
+        # timeout makes) fails at once with EAGAIN when the agent's listen backlog is full,
+        # where a blocking one waits its turn. The timeout applies to the exchange after.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        seconds = 0.0 if self.timeout is None else float(self.timeout)
+        whole = int(seconds)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", whole, int((seconds - whole) * 1_000_000)),
+        )
         try:
             sock.connect(self._path)
         except OSError:
             sock.close()
             raise
+        sock.settimeout(self.timeout)
         self.sock = sock
 
 
