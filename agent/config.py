@@ -119,6 +119,8 @@ class PoolConfig(_Section):
     idle_after_s: float = 300.0
     lend: bool = True
     lease_ttl_s: str | float = 600.0
+    #: No lease is granted (or renewed) for longer than this, whatever the borrower asks.
+    max_lease_ttl_s: str | float = "1d"
 
 
 class MetricsConfig(_Section):
@@ -220,10 +222,14 @@ def _check(config: Config) -> None:
         raise ConfigError("node.name", "letters, digits, '.', '_' and '-' only")
     if config.pool.peer_ttl_s <= 0:
         raise ConfigError("pool.peer_ttl_s", "must be positive")
-    try:
-        parse_duration_s(config.pool.lease_ttl_s)
-    except ValueError as exc:
-        raise ConfigError("pool.lease_ttl_s", str(exc)) from None
+    ttls = {}
+    for key in ("lease_ttl_s", "max_lease_ttl_s"):
+        try:
+            ttls[key] = parse_duration_s(getattr(config.pool, key))
+        except ValueError as exc:
+            raise ConfigError(f"pool.{key}", str(exc)) from None
+    if ttls["lease_ttl_s"] > ttls["max_lease_ttl_s"]:
+        raise ConfigError("pool.lease_ttl_s", "must not exceed pool.max_lease_ttl_s")
     _check_api(config.api)
     _check_metrics(config.metrics)
 

@@ -171,6 +171,17 @@ class Daemon:
         service = NodeService(config, inventory, ledger, EventHub())
         self.service = service
         await service.open()
+        # The bus (when mqtt.url is set): publish, keep the peer pool, lend and borrow.
+        bus = Bus(config, service) if config.mqtt.url else None
+        if bus is not None:
+            self.pool = bus.pool
+        metrics = Metrics(service, self.pool, self.restarts)
+        app = build_app(service, self.pool, metrics=metrics.render)
+        server = ApiServer(app)
+        inherited = listen_fds().get("api")
+        # The API answers before discovery: a hung tool (npu-smi can take its whole timeout,
+        # twice) must not keep clients waiting; until discovery ends, health says so.
+        await server.start(Path(config.paths.socket), config.api.socket_group, inherited)
         change = await inventory.discover()
         await service.observe_inventory(change)
         # Slices whose card is not here at all after a restart are lost until it returns.
@@ -181,15 +192,6 @@ class Daemon:
         enforcer = Enforcer(service)
         self.enforcer = enforcer
         await enforcer.recover()
-        # The bus (when mqtt.url is set): publish, keep the peer pool, lend and borrow.
-        bus = Bus(config, service) if config.mqtt.url else None
-        if bus is not None:
-            self.pool = bus.pool
-        metrics = Metrics(service, self.pool, self.restarts)
-        app = build_app(service, self.pool, metrics=metrics.render)
-        server = ApiServer(app)
-        inherited = listen_fds().get("api")
-        await server.start(Path(config.paths.socket), config.api.socket_group, inherited)
         where = "systemd socket" if inherited is not None else config.paths.socket
         log.info(
             "xpu-agent ready",

@@ -130,9 +130,10 @@ class AgentProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+            # The socket answers before device discovery ends; ready is what READY=1 is.
             try:
                 status, _, _ = api(self.socket, "GET", "/v1/health")
-                if status == 200:
+                if status == 200 and "xpu-agent ready" in self.log():
                     return
             except OSError:
                 pass

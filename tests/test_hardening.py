@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests import sim_peers
-from tests.broker import MOSQUITTO, Mosquitto, mqtt_config, publish_raw, topic_root
+from tests.broker import (
+    MOSQUITTO,
+    Mosquitto,
+    Subscriber,
+    mqtt_config,
+    publish_raw,
+    topic_root,
+)
 from tests.harness import (
     PY,
     REPO,
@@ -336,3 +343,153 @@ def test_clients_wait_in_a_full_backlog_instead_of_failing(
         out, err = client.communicate(timeout=30)
         assert client.returncode == 0, err
         assert json.loads(out)["node"] == "test-node"
+
+
+# -- health that tells the truth ---------------------------------------------------------
+
+FAKE_NPU_SMI = REPO / "tests" / "fake_npu_smi.py"
+
+
+def test_a_hung_tool_at_start_does_not_hold_the_api_back(tmp_path: Path) -> None:
+    agent = AgentProcess(
+        short_tmpdir(),
+        config=f'[backends]\nenabled = ["npu-smi"]\n'
+        f'[backends.npu_smi]\npath = "{FAKE_NPU_SMI}"\ntimeout_s = 4\n',
+        env={"FAKE_NPU_SMI_HANG": "1", "FAKE_NPU_SMI_HANG_S": "30"},
+    )
+    started = time.monotonic()
+    agent.start(wait=False)
+    try:
+        health = wait_for(lambda: _health(agent), timeout_s=10)
+        assert time.monotonic() - started < 4, "answered before the tool's timeout"
+        assert health["status"] == "degraded"
+        assert "device discovery has not finished" in health["reasons"]
+        status = agent.xpuctl("status")
+        assert status.returncode == 0 and "discovery has not finished" in status.stdout
+    finally:
+        agent.cleanup()
+
+
+def _health(agent: AgentProcess) -> dict[str, object] | None:
+    try:
+        status, body, _ = agent.api("GET", "/v1/health")
+    except OSError:
+        return None
+    return body if status == 200 else None
+
+
+def test_a_tool_that_keeps_failing_makes_its_devices_unhealthy_at_once(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    switch = tmp_path / "fail"
+    wrapper = tmp_path / "npu-smi"
+    # The real fake, failing every sample once ``switch`` exists.
+    wrapper.write_text(
+        f"#!/bin/sh\nif [ -e {switch} ]; then echo 'dcmi error' >&2; exit 1; fi\n"
+        f'exec {PY} {FAKE_NPU_SMI} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    agent = agent_factory(
+        config=f'[backends]\nenabled = ["npu-smi"]\n[backends.npu_smi]\npath = "{wrapper}"\n'
+        "[enforcement]\ninterval_ms = 200\n"
+    )
+    before = _health(agent)
+    assert before is not None and before["status"] == "ok", before
+    switch.touch()
+    started = time.monotonic()
+    health = wait_for(lambda: (h := _health(agent)) and h["status"] == "degraded" and h, 10)
+    assert time.monotonic() - started < 5  # three failed samples, not the next rediscovery
+    assert any("samples failed in a row" in r for r in health["reasons"])  # type: ignore[union-attr]
+    devices = agent.api("GET", "/v1/devices")[1]
+    assert {d["health"] for d in devices} == {"unknown"}
+    switch.unlink()
+    wait_for(lambda: (h := _health(agent)) and h["status"] == "ok", 10)
+
+
+# -- borrowing has bounds --------------------------------------------------------------------
+
+
+def _borrow_request(
+    node: str, topics: object, n: int, ttl_s: float | None = None, memory_mib: int = 81920
+) -> bytes:
+    from agent.bus import payloads
+
+    return payloads.encode(
+        payloads.BorrowRequest(
+            node=node,
+            boot_id="stranger-boot",
+            seq=n,
+            ts=time.time(),
+            request_id=f"r-{n}",
+            reply_to=topics.reply_to(node),  # type: ignore[attr-defined]
+            memory_mib=memory_mib,
+            compute_pct=100,
+            ttl_s=ttl_s,
+        )
+    )
+
+
+def test_borrowing_is_bounded_and_fair(
+    broker: Mosquitto, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    from agent.bus.topics import Topics
+
+    root = topic_root()
+    lender = agent_factory(
+        node="lender",
+        config=mqtt_config(broker, root, "lender", keepalive_s=30, pool="max_lease_ttl_s = 3600"),
+    )
+    borrower = agent_factory(
+        node="borrower", config=mqtt_config(broker, root, "borrower", keepalive_s=30)
+    )
+    wait_for(lambda: any(p["placeable"] for p in borrower.api("GET", "/v1/pool")[1]), 10)
+    topics = Topics(root, "z", "stranger")
+    inbox = topics.rpc("lender", "borrow")
+    # A node never seen asks for a whole card for 31 years: refused, nothing lent.
+    with Subscriber(broker, topics.reply_to("stranger")) as replies:
+        publish_raw(broker, inbox, _borrow_request("stranger", topics, 1, ttl_s=1e9))
+        wait_for(lambda: replies.messages, 5)
+    answer = json.loads(replies.messages[0][1])
+    assert answer["status"] == 403 and "online" in answer["detail"], answer
+    assert [s for s in lender.api("GET", "/v1/slices")[1] if s["borrower"]] == []
+    # 2,000 requests from one (online) node do not starve a real peer's borrow: each
+    # requester has its own short queue, served in turn.
+    client = sim_peers.connect(broker)
+    flooder = Topics(root, "z", "flooder")
+    try:
+        sim_peers.publish(client, topics, ["flooder"], lambda _i: ["MockA100-80G"])
+        wait_for(lambda: any(p["node"] == "flooder" for p in lender.api("GET", "/v1/pool")[1]), 5)
+        infos = [
+            client.publish(
+                flooder.rpc("lender", "borrow"),
+                _borrow_request("flooder", flooder, n, memory_mib=10**6),
+                qos=1,
+            )
+            for n in range(2, 2002)
+        ]
+        started = time.monotonic()
+        lease = borrower.xpuctl(
+            "--json",
+            "borrow",
+            "--node",
+            "lender",
+            "--memory",
+            "8GiB",
+            "--compute",
+            "30",
+            "--ttl",
+            "300d",
+        )
+        took = time.monotonic() - started
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert lease.returncode == 0, lease.stderr
+    assert took < 5, took
+    granted = json.loads(lease.stdout)
+    # The lease is capped by the lender's pool.max_lease_ttl_s, not the 300 days asked.
+    assert granted["expires_at"] - time.time() <= 3600 + 5
+    dropped = lender.api("GET", "/v1/node")[1]["mqtt"]["dropped"]
+    assert dropped.get("overloaded", 0) > 0, dropped

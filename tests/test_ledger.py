@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Conflict, DoesNotFit, NotFound
+from agent.errors import Conflict, DoesNotFit
 from agent.ledger import store
 from agent.ledger.store import DeviceCapacity, Ledger, LedgerCorruptError
 from agent.model import ProcessRef, SliceRequest, SliceState

@@ -268,6 +268,19 @@ async def test_hung_npu_smi_is_killed_and_reported(fake: Fake) -> None:
     assert not psutil.pid_exists(pid)
 
 
+async def test_endless_output_is_cut_off_and_costs_no_memory(tmp_path: Path) -> None:
+    """A broken tool that writes 50 MB: refused after 8 MiB, killed, RSS barely moves."""
+    tool = tmp_path / "npu-smi"
+    tool.write_text("#!/bin/sh\nexec head -c 52428800 /dev/zero\n")
+    tool.chmod(0o755)
+    before = psutil.Process().memory_info().rss
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=r"wrote more than 8 MiB; killed"):
+        await run_npu_smi(str(tool), ["info"], 30.0)
+    assert time.monotonic() - started < 10
+    assert psutil.Process().memory_info().rss - before < 40 * 2**20
+
+
 async def test_hung_info_m_does_not_stop_discovery(fake: Fake) -> None:
     fake.use("atlas800-9010")
     fake.env("FAKE_NPU_SMI_HANG", "info-m")

@@ -161,10 +161,13 @@ class MqttView(msgspec.Struct, kw_only=True):
 
 
 class HealthView(msgspec.Struct, kw_only=True):
+    """Liveness (always 200 while the agent answers) and whether it is degraded, and why."""
+
     status: str
     version: str
     uptime_s: float
     node: str
+    reasons: list[str] = []
 
 
 class NodeView(msgspec.Struct, kw_only=True):
@@ -173,6 +176,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     version: str
     uptime_s: float
     health: str
+    health_reasons: list[str]
     backends: list[str]
     devices: int
     devices_healthy: int

@@ -152,9 +152,11 @@ async def identity_and_problems(request: web.Request, handler: Handler) -> web.S
 
 async def get_health(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    status, reasons = service.health()
     return _json(
         schema.HealthView(
-            status="ok",
+            status=status,
+            reasons=reasons,
             version=__version__,
             uptime_s=round(time.time() - service.started_at, 3),
             node=service.config.node_name,

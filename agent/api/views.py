@@ -85,13 +85,14 @@ def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
     devices = list(service.inventory.devices.values())
     healthy = sum(1 for d in devices if d.health is Health.OK)
     link = pool.link()
-    status = "ok" if healthy == len(devices) and devices else "degraded"
+    status, reasons = service.health()
     return schema.NodeView(
         node=service.config.node_name,
         zone=service.config.node.zone,
         version=__version__,
         uptime_s=round(service.clock() - service.started_at, 3),
         health=status,
+        health_reasons=reasons,
         backends=[b.name for b in service.inventory.backends],
         devices=len(devices),
         devices_healthy=healthy,

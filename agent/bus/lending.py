@@ -21,6 +21,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import secrets
@@ -105,6 +106,57 @@ class _Reclaim:
     why: str
 
 
+#: Requests one requester may have waiting in a lender's inbox; more are dropped.
+PER_REQUESTER_MAX = 16
+
+
+class FairInbox:
+    """The lender's inbox: one bounded queue per requester, served round-robin, so that a
+    node sending thousands of requests delays only itself; reclaims (the lender's own
+    decisions) go first."""
+
+    def __init__(self, per_requester: int = PER_REQUESTER_MAX, total: int = INBOX_MAX) -> None:
+        self._per = per_requester
+        self._total = total
+        self._queues: dict[str, collections.deque[_Job | _Reclaim]] = {}
+        self._turns: collections.deque[str] = collections.deque()
+        self._urgent: collections.deque[_Reclaim] = collections.deque()
+        self._ready = asyncio.Event()
+        self._size = 0
+
+    def put(self, requester: str, item: _Job | _Reclaim) -> bool:
+        if isinstance(item, _Reclaim):
+            self._urgent.append(item)
+            self._ready.set()
+            return True
+        queue = self._queues.get(requester)
+        if self._size >= self._total or (queue is not None and len(queue) >= self._per):
+            return False
+        if queue is None:
+            queue = self._queues[requester] = collections.deque()
+            self._turns.append(requester)
+        queue.append(item)
+        self._size += 1
+        self._ready.set()
+        return True
+
+    async def get(self) -> _Job | _Reclaim:
+        while not self._urgent and not self._turns:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._urgent:
+            return self._urgent.popleft()
+        requester = self._turns.popleft()
+        queue = self._queues[requester]
+        item = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._turns.append(requester)  # back of the line: the others go first
+        else:
+            del self._queues[requester]
+        return item
+
+
 class Lender:
     def __init__(
         self,
@@ -114,6 +166,7 @@ class Lender:
         send: Send,
         guard: Guard,
         clock: Callable[[], float] = time.monotonic,
+        online: Callable[[str], bool] = lambda _node: True,
     ) -> None:
         self.service = service
         self.topics = topics
@@ -121,7 +174,9 @@ class Lender:
         self._send = send
         self.guard = guard
         self._clock = clock
-        self._inbox: asyncio.Queue[_Job | _Reclaim] = asyncio.Queue(INBOX_MAX)
+        #: Whether a node is a peer we know to be online (lending goes only to those).
+        self._online = online
+        self._inbox = FairInbox()
         self._lent: dict[str, Slice] = {}
         self._quiet: set[str] = set()  # ended on the borrower's word (or absence): no notice
         self.served = 0
@@ -130,17 +185,12 @@ class Lender:
     # -- intake (on the loop, from the router) --------------------------------------------
 
     def submit(self, request: payloads.AnyRequest, reply_to: str, correlation: bytes) -> None:
-        self._enqueue(_Job(request, reply_to, correlation), reply_to)
+        if not self._inbox.put(request.node, _Job(request, reply_to, correlation)):
+            self.guard.drop(reasons.OVERLOADED, reply_to, f"{request.node} has too many waiting")
 
     def borrower_gone(self, node: str, why: str) -> None:
         if any(s.borrower == node for s in self.service.live.values()):
-            self._enqueue(_Reclaim(node, why), node)
-
-    def _enqueue(self, item: _Job | _Reclaim, topic: str) -> None:
-        try:
-            self._inbox.put_nowait(item)
-        except asyncio.QueueFull:
-            self.guard.drop(reasons.OVERLOADED, topic, "lender inbox full")
+            self._inbox.put(node, _Reclaim(node, why))
 
     # -- the task -------------------------------------------------------------------------
 
@@ -213,9 +263,11 @@ class Lender:
         )
 
     def _lease_ttl_s(self, asked: float | None) -> float:
-        return (
-            asked if asked is not None else parse_duration_s(self.service.config.pool.lease_ttl_s)
-        )
+        """What the borrower asked for (else ``pool.lease_ttl_s``), never past
+        ``pool.max_lease_ttl_s``: a lease is renewed while used, not granted for years."""
+        pool = self.service.config.pool
+        ttl = asked if asked is not None else parse_duration_s(pool.lease_ttl_s)
+        return min(ttl, parse_duration_s(pool.max_lease_ttl_s))
 
     async def _borrow(self, request: payloads.BorrowRequest) -> payloads.Reply:
         config = self.service.config
@@ -223,6 +275,11 @@ class Lender:
             raise Forbidden(f"{self.origin.node} does not lend (pool.lend = false)")
         if request.node == self.origin.node:
             raise BadRequest("a node does not borrow from itself")
+        if not self._online(request.node):
+            raise Forbidden(
+                f"{self.origin.node} lends only to peers it knows to be online; "
+                f"{request.node} is not one (yet)"
+            )
         device = None
         if request.model:
             device = self._best_card(request)

@@ -44,7 +44,14 @@ class Bus:
             will=self.publisher.will,
             goodbye=self.publisher.goodbye,
         )
-        self.lender = Lender(service, self.topics, self.origin, self._send, self.guard)
+        self.lender = Lender(
+            service,
+            self.topics,
+            self.origin,
+            self._send,
+            self.guard,
+            online=lambda node: self.table.online(node, service.config.pool.peer_ttl_s),
+        )
         self.borrower = Borrower(
             service,
             self.topics,

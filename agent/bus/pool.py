@@ -155,6 +155,11 @@ class PeerTable:
         now = self._clock()
         return [self._peer(r, now, ttl_s) for r in sorted(self._peers.values(), key=_node)]
 
+    def online(self, node: str, ttl_s: float) -> bool:
+        """Whether ``node`` is a peer this agent has heard say ``online`` within ``ttl_s``."""
+        record = self._peers.get(node)
+        return record is not None and self._peer(record, self._clock(), ttl_s).state == "online"
+
     @staticmethod
     def _peer(record: _Record, now: float, ttl_s: float) -> Peer:
         age = max(0.0, now - record.heard_at)

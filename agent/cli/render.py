@@ -172,6 +172,7 @@ def status_text(node: dict[str, Any]) -> str:
         ("agent", f"xpu-agent {node['version']}, up {node['uptime_s']:.0f}s"),
         ("backends", ", ".join(node["backends"]) or "-"),
         ("health", f"{node['health']} ({node['devices_healthy']}/{node['devices']} devices ok)"),
+        *(("", f"- {why}") for why in node.get("health_reasons", [])),
         ("mqtt", link),
         (
             "capacity",

@@ -26,12 +26,24 @@ class InventoryChange:
     added: tuple[str, ...]
 
 
+#: Samples of a backend that may fail in a row before its devices are unhealthy.
+FAILED_SAMPLES_UNHEALTHY = 3
+
+
 class Inventory:
-    def __init__(self, backends: Sequence[Backend], sample_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        sample_timeout_s: float = 15.0,
+        failed_samples_unhealthy: int = FAILED_SAMPLES_UNHEALTHY,
+    ) -> None:
         self.backends = list(backends)
         self._devices: dict[str, Device] = {}
         self._samples: dict[str, DeviceSample] = {}
         self._timeout_s = sample_timeout_s
+        self._failed_limit = failed_samples_unhealthy
+        #: Consecutive failed samples per backend.
+        self.failed_samples: dict[str, int] = {}
         self.discovered = False
 
     @property
@@ -83,8 +95,13 @@ class Inventory:
             try:
                 samples = await asyncio.wait_for(backend.sample(bound), self._timeout_s)
             except Exception as exc:
-                log.warning("sampling failed", backend=backend.name, error=str(exc))
+                failed = self.failed_samples.get(backend.name, 0) + 1
+                self.failed_samples[backend.name] = failed
+                log.warning("sampling failed", backend=backend.name, error=str(exc), failed=failed)
+                if failed >= self._failed_limit:
+                    self._unhealthy(backend.name, f"{failed} samples failed in a row: {exc}")
                 continue
+            self.failed_samples[backend.name] = 0
             for sample in samples:
                 self._samples[sample.device_id] = sample
                 device = self._devices.get(sample.device_id)
@@ -96,6 +113,16 @@ class Inventory:
         return InventoryChange(
             lost=tuple(sorted(before - after)), returned=tuple(sorted(after - before)), added=()
         )
+
+    def _unhealthy(self, backend: str, reason: str) -> None:
+        """A backend that cannot be sampled cannot enforce or report: its devices are not
+        placeable until a sample succeeds again (then each sample's health is taken)."""
+        for device_id, device in list(self._devices.items()):
+            if device.backend == backend and device.health is Health.OK:
+                self._devices[device_id] = dataclasses.replace(
+                    device, health=Health.UNKNOWN, health_reason=reason[:300]
+                )
+            self._samples.pop(device_id, None)
 
     async def close(self) -> None:
         for backend in self.backends:

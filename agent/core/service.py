@@ -200,6 +200,24 @@ class NodeService:
             )
         return states
 
+    def health(self) -> tuple[str, list[str]]:
+        """``ok`` or ``degraded``, with why: the one place health is decided."""
+        reasons: list[str] = []
+        if not self.inventory.discovered:
+            reasons.append("device discovery has not finished")
+        elif not self.inventory.devices:
+            reasons.append("no devices found")
+        for device in self.inventory.devices.values():
+            if device.health is not Health.OK:
+                why = f": {device.health_reason}" if device.health_reason else ""
+                reasons.append(f"{device.id} is {device.health.value}{why}")
+        reasons += self.degraded_reasons()
+        return ("degraded" if reasons else "ok"), reasons
+
+    def degraded_reasons(self) -> list[str]:
+        """Reasons of the service itself (not its devices) to be degraded."""
+        return []
+
     def totals(self) -> tuple[Totals, Totals]:
         """(capacity, allocated) over usable devices."""
         usable = [d for d in self.inventory.devices.values() if d.health is Health.OK]

@@ -75,6 +75,35 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         await asyncio.wait_for(proc.communicate(), _KILL_WAIT_S)
 
 
+#: The most output one npu-smi call may produce; a 16-card node's largest real capture is
+#: tens of KiB. A tool that writes more is broken, and reading it whole would let it grow
+#: the agent without bound (50 MB of output cost 950 MB RSS).
+MAX_STDOUT_BYTES = 8 * 1024 * 1024
+MAX_STDERR_BYTES = 64 * 1024
+
+
+async def _read_capped(
+    stream: asyncio.StreamReader | None, limit: int, overflow: Callable[[], None]
+) -> tuple[bytes, bool]:
+    """Everything up to ``limit`` bytes; past it, ``overflow()`` (which kills the tool) and
+    read on to EOF, keeping nothing, so that the pipe drains and the process is reaped."""
+    if stream is None:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    over = False
+    while chunk := await stream.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            if not over:
+                over = True
+                chunks.clear()
+                overflow()
+            continue
+        chunks.append(chunk)
+    return b"".join(chunks), over
+
+
 async def run_npu_smi(executable: str, args: Sequence[str], timeout_s: float) -> str:
     """Run ``npu-smi ARGS`` and return its standard output.
 
@@ -96,7 +125,21 @@ async def run_npu_smi(executable: str, args: Sequence[str], timeout_s: float) ->
     except OSError as exc:
         raise BackendError(f"cannot run {executable}: {exc}", command=command) from exc
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
+        def overflow() -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        async with asyncio.timeout(timeout_s):
+            (stdout, over_out), (stderr, over_err) = await asyncio.gather(
+                _read_capped(proc.stdout, MAX_STDOUT_BYTES, overflow),
+                _read_capped(proc.stderr, MAX_STDERR_BYTES, overflow),
+            )
+            await proc.wait()
+        if over_out or over_err:
+            raise BackendError(
+                f"`{command}` wrote more than {MAX_STDOUT_BYTES // 1024 // 1024} MiB; killed",
+                command=command,
+            )
     except TimeoutError:
         raise BackendError(
             f"`{command}` did not answer within {timeout_s:g} s; killed",
