@@ -36,6 +36,8 @@ class NodeConfig(_Section):
 class PathsConfig(_Section):
     state_dir: str = "/var/lib/xpu-agent"
     socket: str = "/run/xpu-agent/agent.sock"
+    #: Written even when the state directory's disk is full (processes held stopped).
+    runtime_dir: str = "/run/xpu-agent"
 
 
 class ApiConfig(_Section):
@@ -315,7 +317,11 @@ def load(path: Path | None) -> Config:
 def with_dev_paths(config: Config, base: Path = DEV_DIR) -> Config:
     """``--dev``: socket, state and logs under ``./.run/`` so no root is needed."""
     base = base.resolve()
-    paths = PathsConfig(state_dir=str(base / "state"), socket=str(base / "agent.sock"))
+    paths = PathsConfig(
+        state_dir=str(base / "state"),
+        socket=str(base / "agent.sock"),
+        runtime_dir=str(base / "run"),
+    )
     return msgspec.structs.replace(config, paths=paths)
 
 

@@ -28,13 +28,16 @@ from agent.core.inventory import Inventory
 from agent.core.pool import Pool, StandalonePool
 from agent.core.service import NodeService
 from agent.enforce.loop import Enforcer
-from agent.errors import ConfigError
+from agent.errors import ConfigError, LedgerUnavailable, StorageFull
 from agent.instance import StateLock
 from agent.ledger.store import Ledger
 from agent.supervise import every, supervised
 from agent.systemd import Notifier, listen_fds
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between write probes while the ledger cannot commit.
+LEDGER_PROBE_S = 2.0
 
 
 class _Stop(Exception):
@@ -57,12 +60,29 @@ class Daemon:
 
     async def _sample_once(self, service: NodeService) -> None:
         change = await service.inventory.sample(service.bound_pids())
-        if change.lost or change.returned:
-            await service.observe_inventory(change)
-        await service.observe_samples(service.inventory.samples)
+        # What the ledger records of a sample (lost cards, exited processes) waits while it
+        # cannot commit; enforcement, which needs no ledger write, goes on regardless.
+        try:
+            if change.lost or change.returned:
+                await service.observe_inventory(change)
+            await service.observe_samples(service.inventory.samples)
+        except (StorageFull, LedgerUnavailable) as exc:
+            log.warning("sample not recorded; enforcing anyway", error=exc.detail)
         if self.enforcer is not None:
             await self.enforcer.step(service.inventory.samples)
         self._last_sample = time.monotonic()
+
+    async def _ledger_probe(self, service: NodeService) -> None:
+        """While the ledger cannot commit (a full disk), try a tiny write every few seconds:
+        health and writes come back by themselves when space does."""
+
+        async def step() -> None:
+            if service.ledger_writable:
+                return
+            if await service.probe_ledger():
+                log.info("the ledger commits again")
+
+        await every(LEDGER_PROBE_S, step)
 
     async def _sampler(self, service: NodeService) -> None:
         await every(self.config.enforcement.interval_ms / 1000, lambda: self._sample_once(service))
@@ -87,9 +107,13 @@ class Daemon:
 
     async def _expiry(self, service: NodeService) -> None:
         async def step() -> None:
-            for slice_id in await service.expire_due():
-                log.info("slice expired", slice=slice_id)
-            await service.forget_history()
+            try:
+                for slice_id in await service.expire_due():
+                    log.info("slice expired", slice=slice_id)
+                await service.forget_history()
+            except (StorageFull, LedgerUnavailable) as exc:
+                # Expiry is a write: it waits for the ledger (the slices end late, not never).
+                log.warning("expiry deferred", error=exc.detail)
 
         await every(1.0, step)
 
@@ -171,6 +195,11 @@ class Daemon:
         service = NodeService(config, inventory, ledger, EventHub())
         self.service = service
         await service.open()
+        # Whether the ledger commits is known now, not at the first write (a full disk).
+        if not await service.probe_ledger():
+            log.warning(
+                "the ledger cannot commit; serving reads", reason=service.degraded_reasons()
+            )
         # The bus (when mqtt.url is set): publish, keep the peer pool, lend and borrow.
         bus = Bus(config, service) if config.mqtt.url else None
         if bus is not None:
@@ -208,6 +237,7 @@ class Daemon:
             "rediscovery": lambda: self._rediscover(service),
             "hotplug": lambda: self._hotplug(service),
             "expiry": lambda: self._expiry(service),
+            "ledger-probe": lambda: self._ledger_probe(service),
             "watchdog": self._watchdog,
             "status": lambda: self._status(service),
             "metrics-listener": lambda: metrics.serve_tcp(server.runner),

@@ -80,3 +80,18 @@ class AlreadyRunning(XpuError):
 
     status = 409
     title = "Already running"
+
+
+class StorageFull(XpuError):
+    """The ledger cannot commit because its disk is full: nothing was changed. Reads go on,
+    enforcement goes on; writes succeed again by themselves once there is space."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
+class LedgerUnavailable(XpuError):
+    """The ledger cannot commit for another I/O reason: nothing was changed."""
+
+    status = 503
+    title = "Ledger unavailable"

@@ -108,12 +108,14 @@ class AgentProcess:
             "[paths]\n"
             f'state_dir = "{self.state}"\n'
             f'socket = "{self.socket}"\n'
+            f'runtime_dir = "{self.dir / "run"}"\n'
         )
         self.env = agent_env(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True, timeout_s: float = 20.0) -> AgentProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process life
+        self._log_start = self._log.tell()  # this run's lines start here (restarts append)
         self.proc = subprocess.Popen(
             [PY, "-m", "agent.cli.daemon_main", "--config", str(self.config_path)],
             env=self.env,
@@ -133,7 +135,8 @@ class AgentProcess:
             # The socket answers before device discovery ends; ready is what READY=1 is.
             try:
                 status, _, _ = api(self.socket, "GET", "/v1/health")
-                if status == 200 and "xpu-agent ready" in self.log():
+                fresh = self.log_path.read_bytes()[self._log_start :]
+                if status == 200 and b"xpu-agent ready" in fresh:
                     return
             except OSError:
                 pass

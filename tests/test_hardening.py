@@ -24,6 +24,7 @@ from tests.broker import (
     publish_raw,
     topic_root,
 )
+from tests.enforce_support import BUSY, cpu_priority, running, shares
 from tests.harness import (
     PY,
     REPO,
@@ -46,6 +47,8 @@ def daemon(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         cwd="/tmp",
     )
 
+
+__all__ = ["cpu_priority"]  # a fixture, used by name below
 
 # -- one agent per state directory and socket ------------------------------------------------
 
@@ -493,3 +496,87 @@ def test_borrowing_is_bounded_and_fair(
     assert granted["expires_at"] - time.time() <= 3600 + 5
     dropped = lender.api("GET", "/v1/node")[1]["mqtt"]["dropped"]
     assert dropped.get("overloaded", 0) > 0, dropped
+
+
+# -- a full disk turns nothing off -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A real 4 MiB tmpfs for the state directory (root only: mounting needs it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where = short_tmpdir("xfull")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_refuses_writes_cleanly_and_enforcement_goes_on(
+    agent_factory: Callable[..., AgentProcess], small_disk: Path, cpu_priority: None
+) -> None:
+    agent = AgentProcess(short_tmpdir(), config='[enforcement]\ncompute_policy = "hard"\n')
+    agent.config_path.write_text(
+        agent.config_path.read_text().replace(str(agent.state), str(small_disk / "state"))
+    )
+    agent.start()
+    try:
+        with running(agent, "--memory", "256MiB", "--compute", "10", code=BUSY) as (_, pid):
+            time.sleep(3)  # settle: the duty cycle holds the child near 10 %
+            filler = _fill(small_disk)
+            before_full = time.monotonic()
+            status, problem, ctype = agent.api(
+                "POST", "/v1/slices", {"memory_mib": 1024, "compute_pct": 10}
+            )
+            assert status == 507 and ctype == "application/problem+json", problem
+            assert (
+                "disk is full" in problem["detail"] and "nothing was changed" in problem["detail"]
+            )
+            health = _health(agent)
+            assert health is not None and health["status"] == "degraded"
+            assert any("ledger cannot commit" in r for r in health["reasons"])  # type: ignore[union-attr]
+            # Enforcement needs no ledger write: the busy child stays held near its 10 %.
+            (got,) = shares([pid], 3.0)
+            assert got < 25, got
+            slices = agent.api("GET", "/v1/slices")[1]
+            assert len(slices) == 1 and slices[0]["usage"]["throttled"] is True
+            # Stopped on a full disk, the agent starts on it again and serves reads.
+            assert agent.stop() == 0
+            agent.start()
+            assert [s["id"] for s in agent.api("GET", "/v1/slices")[1]] == [slices[0]["id"]]
+            restarted = _health(agent)
+            assert restarted is not None and restarted["status"] == "degraded", restarted
+            assert agent.api("POST", "/v1/slices", {"memory_mib": 1, "compute_pct": 1})[0] == 507
+            assert "Traceback" not in agent.log()
+            # Space returns: writes and health come back by themselves.
+            filler.unlink()
+            freed = time.monotonic()
+            wait_for(lambda: (h := _health(agent)) and h["status"] == "ok", 10)
+            recovery_s = time.monotonic() - freed
+            assert recovery_s < 5  # the next write probe (every 2 s)
+            status, _, _ = agent.api("POST", "/v1/slices", {"memory_mib": 1024, "compute_pct": 10})
+            assert status == 201
+            print(f"full for {freed - before_full:.1f}s; recovered in {recovery_s:.2f}s")
+    finally:
+        agent.cleanup()

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import structlog
@@ -24,7 +25,16 @@ from agent.core.caller import Caller, require_owner, require_process_owner
 from agent.core.events import EventHub
 from agent.core.inventory import Inventory, InventoryChange
 from agent.core.slice_env import slice_environment
-from agent.errors import BadRequest, Conflict, DoesNotFit, NotFound
+from agent.core.stopped import StoppedRecord
+from agent.errors import (
+    BadRequest,
+    Conflict,
+    DoesNotFit,
+    LedgerUnavailable,
+    NotFound,
+    StorageFull,
+    XpuError,
+)
 from agent.ledger import placement
 from agent.ledger.store import LIVE_STATES, DeviceCapacity, Ledger
 from agent.ledger.worker import LedgerWorker
@@ -77,6 +87,7 @@ class NodeService:
         self.started_at = clock()
         self._ledger = ledger
         self._worker = LedgerWorker(ledger)
+        self._stopped = StoppedRecord(Path(config.paths.runtime_dir))
         self._live: dict[str, Slice] = {}
         self.usage: dict[str, SliceUsage] = {}
         self.unsliced: dict[str, tuple[int, ...]] = {}
@@ -133,8 +144,14 @@ class NodeService:
 
     async def record(
         self, kind: str, data: Mapping[str, object], slice_id: str | None = None
-    ) -> Event:
-        event = await self._run(lambda: self._ledger.record_event(kind, data, slice_id))
+    ) -> Event | None:
+        """Record an event. Best effort while the ledger cannot commit: what is being done
+        (enforcement above all) goes on without its record, and the log says so."""
+        try:
+            event = await self._run(lambda: self._ledger.record_event(kind, data, slice_id))
+        except (StorageFull, LedgerUnavailable) as exc:
+            log.warning("event not recorded", kind=kind, slice=slice_id, error=exc.detail)
+            return None
         self.hub.publish([event])
         return event
 
@@ -216,7 +233,18 @@ class NodeService:
 
     def degraded_reasons(self) -> list[str]:
         """Reasons of the service itself (not its devices) to be degraded."""
-        return []
+        why = self._worker.unwritable
+        return [f"ledger cannot commit: {why}"] if why else []
+
+    @property
+    def ledger_writable(self) -> bool:
+        return self._worker.unwritable is None
+
+    async def probe_ledger(self) -> bool:
+        """Try one durable write; True once the ledger commits again."""
+        with contextlib.suppress(XpuError):
+            await asyncio.shield(self._worker.probe())
+        return self._worker.unwritable is None
 
     def totals(self) -> tuple[Totals, Totals]:
         """(capacity, allocated) over usable devices."""
@@ -532,7 +560,28 @@ class NodeService:
     # -- enforcement bookkeeping ----------------------------------------------------------
 
     async def mark_stopped(self, ref: ProcessRef, slice_id: str | None, stopped: bool) -> None:
-        await self._run(lambda: self._ledger.mark_stopped(ref, slice_id, stopped))
+        """Kept in the runtime directory, not the ledger: enforcement never waits on (or
+        fails with) the ledger's disk (see :mod:`agent.core.stopped`)."""
+        await asyncio.to_thread(self._stopped.mark, ref, slice_id, stopped)
 
     async def stopped_processes(self) -> list[tuple[ProcessRef, str | None]]:
-        return await self._run(self._ledger.stopped)
+        """What a previous run may have left stopped: the runtime record, and the ledger's
+        table that versions before 0.1.1 wrote (read when it can be, then emptied)."""
+        found = dict(await asyncio.to_thread(self._stopped.load))
+        ledger = self._ledger
+
+        def clear(rows: list[tuple[ProcessRef, str | None]]) -> None:
+            for ref, _slice in rows:
+                ledger.mark_stopped(ref, None, False)
+
+        try:
+            legacy = await self._run(ledger.stopped)
+            for ref, slice_id in legacy:
+                found.setdefault(ref, slice_id)
+            if legacy:
+                await self._run(lambda: clear(legacy))
+        except XpuError as exc:
+            log.warning("could not read or clear the ledger's stopped table", error=str(exc))
+        for ref, slice_id in found.items():
+            await asyncio.to_thread(self._stopped.mark, ref, slice_id, True)
+        return list(found.items())

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from agent.errors import BadRequest, Conflict, DoesNotFit, NotFound, XpuError
+from agent.errors import (
+    BadRequest,
+    Conflict,
+    DoesNotFit,
+    LedgerUnavailable,
+    NotFound,
+    StorageFull,
+    XpuError,
+)
 from agent.model import Event, ProcessRef, Slice, SliceRequest, SliceState
 
 LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
@@ -67,19 +75,77 @@ def new_slice_id() -> str:
     return "s-" + secrets.token_hex(6)
 
 
+#: SQLite's words for "the disk is full" (a WAL's shared memory that cannot grow is one).
+_FULL_CODES = frozenset({"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"})
+
+
+def storage_error(exc: BaseException) -> XpuError | None:
+    """The caller-facing error for a failed commit, or ``None`` if it is not about storage."""
+    if isinstance(exc, XpuError):
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name in _FULL_CODES or "disk is full" in text or "No space left" in text:
+        return StorageFull(f"the ledger's disk is full; nothing was changed ({text})")
+    if isinstance(exc, sqlite3.OperationalError) and (
+        name.startswith("SQLITE_IOERR") or "disk I/O error" in text
+    ):
+        return LedgerUnavailable(f"the ledger cannot write: {text}; nothing was changed")
+    return None
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
         self._savepoints = 0
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        #: Why the ledger was opened without its shared memory (None: opened normally).
+        self.exclusive_because: str | None = None
+        try:
+            self._db = self._connect(exclusive=False)
+        except sqlite3.OperationalError as exc:
+            if not isinstance(storage_error(exc), StorageFull):
+                raise
+            # A WAL database needs its -shm file, which a full disk cannot grow. With
+            # EXCLUSIVE locking SQLite keeps that index in memory instead (the state
+            # directory's flock already makes this process the only one): the ledger
+            # opens and reads, and writes fail cleanly until there is space.
+            self.exclusive_because = str(exc)
+            self._db = self._connect(exclusive=True)
         self._check_integrity()
         self._migrate()
+
+    def _connect(self, exclusive: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        try:
+            if exclusive:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def probe_write(self) -> None:
+        """One tiny durable write (rewrites the schema version): raises while the disk is
+        full. Once it succeeds after an exclusive start, the normal connection comes back
+        (so that online backups work again)."""
+        version = self.schema_version
+        with self._write() as db:
+            db.execute(f"PRAGMA user_version = {int(version)}")
+        if self.exclusive_because is not None and not self._db.in_transaction:
+            # The exclusive connection holds its lock until closed: close it first.
+            self._db.close()
+            try:
+                self._db = self._connect(exclusive=False)
+                self.exclusive_because = None
+            except sqlite3.OperationalError:
+                self._db = self._connect(exclusive=True)
 
     def close(self) -> None:
         self._db.close()

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.ledger.store import Ledger
+from agent.errors import XpuError
+from agent.ledger.store import Ledger, storage_error
 
 T = TypeVar("T")
 MAX_BATCH = 128
@@ -30,6 +31,8 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     result: Any = None
     error: BaseException | None = None
+    #: A write probe: its commit proves the ledger writable again.
+    probe: bool = False
 
 
 class LedgerWorker:
@@ -40,12 +43,23 @@ class LedgerWorker:
         self._thread.start()
         self.batches = 0
         self.calls = 0
+        #: Why the last commit failed for want of storage (None: the last one went through).
+        #: Read on the loop; written only by this thread (a str swap is atomic).
+        self.unwritable: str | None = (
+            f"opened without shared memory: {ledger.exclusive_because}"
+            if ledger.exclusive_because
+            else None
+        )
 
-    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def submit(self, fn: Callable[[], T], probe: bool = False) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Call(fn, future, loop))
+        self._queue.put(_Call(fn, future, loop, probe=probe))
         return future
+
+    def probe(self) -> asyncio.Future[None]:
+        """A tiny durable write; when it commits, :attr:`unwritable` is cleared."""
+        return self.submit(self._ledger.probe_write, probe=True)
 
     def close(self) -> None:
         """Finish queued calls, then stop the thread and close the ledger."""
@@ -72,6 +86,7 @@ class LedgerWorker:
         self._ledger.close()
 
     def _run_batch(self, calls: list[_Call]) -> None:
+        proven = False
         try:
             with self._ledger.batch():
                 for call in calls:
@@ -79,15 +94,28 @@ class LedgerWorker:
                         with self._ledger.savepoint():
                             call.result = call.fn()
                     except Exception as exc:  # handed to the caller
-                        call.error = exc
+                        call.error = self._caller_error(exc)
+            proven = any(c.probe and c.error is None for c in calls)
         except Exception as exc:  # the COMMIT failed: nobody succeeded
+            error = self._caller_error(exc)
             for call in calls:
                 if call.error is None:
-                    call.error = exc
+                    call.error = error
+        if proven:
+            self.unwritable = None
         self.batches += 1
         self.calls += len(calls)
         for call in calls:
             call.loop.call_soon_threadsafe(_settle, call)
+
+
+    def _caller_error(self, exc: Exception) -> Exception:
+        """SQLite's storage failures as the caller's error (507/503); noted for health."""
+        translated: XpuError | None = storage_error(exc)
+        if translated is None:
+            return exc
+        self.unwritable = translated.detail
+        return translated
 
 
 def _settle(call: _Call) -> None:
