@@ -31,7 +31,14 @@ def broker() -> Iterator[Mosquitto]:
 class Probe:
     """A Connection with recording hooks."""
 
-    def __init__(self, url: str, name: str, root: str, subscriptions: list[str]) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        root: str,
+        subscriptions: list[str],
+        probe_topic: str | None = None,
+    ) -> None:
         self.received: list[aiomqtt.Message] = []
         self.connects = 0
         self.on_message: Callable[[aiomqtt.Message], None] = self.received.append
@@ -43,6 +50,9 @@ class Probe:
             on_connect=self._connected,
             will=lambda: Outgoing(f"{root}/{name}/status", b"will", retain=True),
             goodbye=lambda: Outgoing(f"{root}/{name}/status", b"goodbye", retain=True),
+            probe_topic=probe_topic,
+            probe_every_s=0.3,
+            probe_timeout_s=1.0,
         )
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
@@ -144,6 +154,21 @@ async def test_reconnect_resubscribes_and_calls_on_connect_again(broker: Mosquit
             await until(lambda: any(m.payload == b"hello" for m in probe.received), 5)
     finally:
         own.cleanup()
+
+
+async def test_a_session_whose_qos1_deliveries_stop_is_replaced(broker: Mosquitto) -> None:
+    root = topic_root()
+    # Delivered: the probe comes back every time, the session stays, handlers see nothing.
+    healthy = Probe(broker.url, "alive", root, [f"{root}/alive/rpc/+"], f"{root}/alive/rpc/probe")
+    async with running(healthy):
+        await asyncio.sleep(2.0)
+        assert healthy.connection.stalls == 0 and healthy.connects == 1
+        assert healthy.received == []
+    # Not delivered (here: the broker never routes the probe back, as a wedged in-flight
+    # window would not): the session is replaced by a fresh one, again and again.
+    stuck = Probe(broker.url, "stuck", root, [f"{root}/stuck/rpc/reply"], f"{root}/stuck/rpc/probe")
+    async with running(stuck):
+        await until(lambda: stuck.connection.stalls >= 2 and stuck.connects >= 3, 15)
 
 
 async def test_cancelling_publishes_the_goodbye_before_disconnecting(broker: Mosquitto) -> None:

@@ -580,3 +580,39 @@ def test_a_full_disk_refuses_writes_cleanly_and_enforcement_goes_on(
             print(f"full for {freed - before_full:.1f}s; recovered in {recovery_s:.2f}s")
     finally:
         agent.cleanup()
+
+
+# -- one peer cannot silence another's lending -------------------------------------------
+
+
+def test_oversized_qos1_messages_cannot_wedge_the_inbox(
+    broker: Mosquitto, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    from agent.bus.topics import Topics
+
+    root = topic_root()
+    lender = agent_factory(
+        node="lender", config=mqtt_config(broker, root, "lender", keepalive_s=30)
+    )
+    victim = agent_factory(
+        node="victim", config=mqtt_config(broker, root, "victim", keepalive_s=30)
+    )
+    wait_for(lambda: any(p["placeable"] for p in victim.api("GET", "/v1/pool")[1]), 10)
+    inbox = Topics(root, "z", "victim").reply_to("victim")
+    big = b"x" * (700 * 1024)  # over the 256 KiB the agent accepts (and over any cap it sets)
+    client = sim_peers.connect(broker)
+    try:
+        for info in [client.publish(inbox, big, qos=1) for _ in range(40)]:
+            info.wait_for_publish(30)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    for attempt in range(3):  # each borrow and return is a QoS 1 round trip to the inbox
+        lease = victim.xpuctl(
+            "--json", "borrow", "--node", "lender", "--memory", "1GiB", "--compute", "10"
+        )
+        assert lease.returncode == 0, (attempt, lease.stderr)
+        returned = victim.xpuctl("return", json.loads(lease.stdout)["slice_id"])
+        assert returned.returncode == 0, returned.stderr
+    dropped = victim.api("GET", "/v1/node")[1]["mqtt"]["dropped"]
+    assert dropped["oversized"] >= 1, dropped

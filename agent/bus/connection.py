@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import random
 import socket
 import ssl
@@ -46,6 +47,8 @@ QUEUE_MAX = 1000
 #: Seconds a goodbye (retained ``offline``) may take before we disconnect anyway.
 GOODBYE_TIMEOUT_S = 2.0
 OPERATION_TIMEOUT_S = 5.0
+#: Seconds a QoS 1 probe to our own inbox may take before the session counts as stalled.
+PROBE_TIMEOUT_S = 10.0
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 #: CONNACK codes that mean "I do not speak this protocol version" (3.1.1: 1; MQTT 5: 0x84).
 _UNSUPPORTED_PROTOCOL = frozenset({1, 0x84})
@@ -136,8 +139,21 @@ class Connection:
         will: Callable[[], Outgoing],
         goodbye: Callable[[], Outgoing],
         clock: Callable[[], float] = time.monotonic,
+        probe_topic: str | None = None,
+        probe_every_s: float | None = None,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.config = config
+        #: A topic of our own QoS 1 subscription: a message published there every
+        #: ``probe_every_s`` must come back within ``probe_timeout_s``, else the session
+        #: is stalled (a broker that stopped delivering QoS 1 to us while the TCP link and
+        #: keep-alive look fine) and is replaced by a fresh one.
+        self.probe_topic = probe_topic
+        self.probe_every_s = probe_every_s if probe_every_s is not None else config.heartbeat_s
+        self.probe_timeout_s = probe_timeout_s
+        self.stalls = 0
+        self._probe_token: bytes | None = None
+        self._probe_back = asyncio.Event()
         self.endpoint = Endpoint.parse(config.url)
         self.client_id = client_id
         # (topic filter, QoS); a bare filter is QoS 1.
@@ -278,12 +294,12 @@ class Connection:
         extra: dict[str, Any] = {}
         if v5:
             extra["clean_start"] = True
-            # Let the broker drop what we would drop anyway, with room for our own count.
-            extra["properties"] = _properties(
-                PacketTypes.CONNECT,
-                MaximumPacketSize=2 * self.config.max_payload_bytes + 65536,
-                SessionExpiryInterval=0,
-            )
+            # No MaximumPacketSize: Mosquitto 2.0.11 (Debian 12) drops a QoS 1 message over
+            # a client's announced size without freeing its in-flight slot, so about 20
+            # oversized messages from any peer silence the inbox for good. The agent takes
+            # every packet and drops (and counts) oversized ones itself; the broker's own
+            # max_packet_size bounds what it can be sent (docs/mqtt.md).
+            extra["properties"] = _properties(PacketTypes.CONNECT, SessionExpiryInterval=0)
         else:
             extra["clean_session"] = True
         return aiomqtt.Client(
@@ -329,17 +345,20 @@ class Connection:
         # parent task marked as cancelling, which would confuse the reconnect loop.
         sender = asyncio.create_task(self._sender(client), name="mqtt-send")
         receiver = asyncio.create_task(self._receiver(client), name="mqtt-receive")
+        tasks = {sender, receiver}
+        if self.probe_topic is not None:
+            tasks.add(asyncio.create_task(self._prober(client), name="mqtt-probe"))
         try:
-            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._stopping = True
             sender.cancel()
             await self._say_goodbye(client)
             raise
         finally:
-            for task in (sender, receiver):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             task.result()  # the connection's error
         raise aiomqtt.MqttError("the session ended")
@@ -392,9 +411,33 @@ class Connection:
             values["MessageExpiryInterval"] = message.expiry_s
         return _properties(PacketTypes.PUBLISH, **values) if values else None
 
+    async def _prober(self, client: aiomqtt.Client) -> None:
+        assert self.probe_topic is not None
+        while True:
+            await asyncio.sleep(self.probe_every_s)
+            token = os.urandom(8).hex().encode()
+            self._probe_token = token
+            self._probe_back.clear()
+            await client.publish(self.probe_topic, token, qos=1, timeout=OPERATION_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(self._probe_back.wait(), self.probe_timeout_s)
+            except TimeoutError:
+                self.stalls += 1
+                log.warning(
+                    "mqtt QoS 1 delivery stalled; reconnecting",
+                    broker=self._where,
+                    waited_s=self.probe_timeout_s,
+                    stalls=self.stalls,
+                )
+                raise aiomqtt.MqttError("QoS 1 probe not delivered") from None
+
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             self.received += 1
+            if self.probe_topic is not None and message.topic.matches(self.probe_topic):
+                if message.payload == self._probe_token:
+                    self._probe_back.set()
+                continue  # our own probe (or a stranger's): not for the handlers
             try:
                 self._on_message(message)
             except Exception:

@@ -16,7 +16,16 @@ from agent.bus.lending import CLOCK_SKEW_S, Borrower, Lender
 from agent.bus.origin import Origin
 from agent.bus.pool import MqttPool, PeerTable, Transition
 from agent.bus.publisher import Publisher
-from agent.bus.topics import METHODS, NOTICE, REPLY, STATE_KINDS, Address, Kind, Topics
+from agent.bus.topics import (
+    METHODS,
+    NOTICE,
+    PROBE,
+    REPLY,
+    STATE_KINDS,
+    Address,
+    Kind,
+    Topics,
+)
 from agent.config import Config
 from agent.core.service import NodeService
 from agent.supervise import every
@@ -43,6 +52,7 @@ class Bus:
             on_connect=self.publisher.on_connect,
             will=self.publisher.will,
             goodbye=self.publisher.goodbye,
+            probe_topic=self.topics.rpc(node, PROBE),
         )
         self.lender = Lender(
             service,

@@ -29,6 +29,8 @@ METHODS = frozenset({"place", "borrow", "renew", "release"})
 #: What lenders send into a borrower's inbox.
 REPLY = "reply"
 NOTICE = "notice"
+#: The agent's own QoS 1 liveness probe (agent.bus.connection).
+PROBE = "probe"
 
 
 @dataclass(frozen=True, slots=True)
