@@ -31,6 +31,7 @@ from agent.enforce.loop import Enforcer
 from agent.errors import ConfigError, LedgerUnavailable, StorageFull
 from agent.instance import StateLock
 from agent.ledger.store import Ledger
+from agent.memory import return_large_buffers
 from agent.supervise import every, supervised
 from agent.systemd import Notifier, listen_fds
 
@@ -274,4 +275,5 @@ def run_daemon(config: Config, config_path: Path | None, dev: bool) -> int:
         fresh = config_mod.load(config_path)
         return config_mod.with_dev_paths(fresh) if dev else fresh
 
+    return_large_buffers()
     return asyncio.run(Daemon(config, reload).run())

@@ -10,27 +10,30 @@ document handed to schemathesis leaves that one parameter out; its other inputs 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import AgentProcess
+from tests.relay import tcp_relay
 
-SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(os.sys.executable).parent))  # type: ignore[attr-defined]
+SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
 #: Seconds of fuzzing (examples, coverage, fuzzing and stateful phases share it).
 BUDGET_S = int(os.environ.get("XPU_FUZZ_SECONDS", "90"))
 
 # use_after_free does not apply: a released slice stays readable (GET answers it with
 # state "released"; the history is part of the API), by design.
 EXCLUDED = "use_after_free"
+FUZZ_CONFIG = (
+    "[slicing]\nmax_slices_per_device = 1000\n"
+    '[enforcement]\nmemory_action = "report"\ncompute_policy = "off"\n'
+)
 # What counts as a server error: anything 5xx but 503 and 507, which the document
 # promises for "the bus / the disk cannot now" (a standalone node has no bus to borrow
 # through). A well-formed request may still not fit (409) or name an unknown id (404).
@@ -43,78 +46,26 @@ expected-statuses = ["2xx", "403", "404", "409", "503", "507"]
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def relay(agent_factory) -> Iterator[tuple[AgentProcess, int]]:  # type: ignore[no-untyped-def]
-    agent = agent_factory(
-        config="[slicing]\nmax_slices_per_device = 1000\n"
-        '[enforcement]\nmemory_action = "report"\ncompute_policy = "off"\n'
-    )
-    port = _free_port()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            agent_r, agent_w = await asyncio.open_unix_connection(str(agent.socket))
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(pipe(client_r, agent_w), pipe(agent_r, client_w))
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        started.set()
-        async with server:
-            await server.serve_forever()
-
-    def run() -> None:
-        task = loop.create_task(serve())
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    started.wait(5)
-    yield agent, port
-    loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
-    thread.join(10)
+    agent = agent_factory(config=FUZZ_CONFIG)
+    with tcp_relay(agent.socket) as port:
+        yield agent, port
 
 
-@pytest.mark.skipif(SCHEMATHESIS is None, reason="schemathesis is in the test extra and the lock")
-@pytest.mark.timeout(BUDGET_S + 180)
-def test_schemathesis_finds_no_server_error_and_no_contract_violation(
-    relay: tuple[AgentProcess, int], tmp_path: Path
-) -> None:
-    agent, port = relay
+def schemathesis_run(
+    agent: AgentProcess, port: int, workdir: Path, seconds: int
+) -> subprocess.CompletedProcess[str]:
+    """One bounded schemathesis run against the agent behind the relay."""
     status, doc, _ = agent.api("GET", "/v1/openapi.json")
     assert status == 200
     events = doc["paths"]["/v1/events"]["get"]
     events["parameters"] = [p for p in events["parameters"] if p["name"] != "follow"]
-    schema = tmp_path / "openapi.json"
+    schema = workdir / "openapi.json"
     schema.write_text(json.dumps(doc))
-    (tmp_path / "schemathesis.toml").write_text(CONFIG)
+    (workdir / "schemathesis.toml").write_text(CONFIG)
     assert SCHEMATHESIS is not None
-    run = subprocess.run(
+    return subprocess.run(
         [
             SCHEMATHESIS,
             "run",
@@ -126,7 +77,7 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(
             "--exclude-checks",
             EXCLUDED,
             "--max-time",
-            str(BUDGET_S),
+            str(seconds),
             "--workers",
             "2",
             "--request-timeout",
@@ -139,11 +90,20 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(
         ],
         capture_output=True,
         text=True,
-        timeout=BUDGET_S + 150,
+        timeout=seconds + 150,
         check=False,
-        cwd=tmp_path,
+        cwd=workdir,
         env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"},
     )
+
+
+@pytest.mark.skipif(SCHEMATHESIS is None, reason="schemathesis is in the test extra and the lock")
+@pytest.mark.timeout(BUDGET_S + 180)
+def test_schemathesis_finds_no_server_error_and_no_contract_violation(
+    relay: tuple[AgentProcess, int], tmp_path: Path
+) -> None:
+    agent, port = relay
+    run = schemathesis_run(agent, port, tmp_path, BUDGET_S)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-12000:]
     assert "Traceback" not in agent.log(), agent.log()[-4000:]

@@ -15,7 +15,7 @@ LEVELS = {
     # the shared model
     "__init__": 0, "model": 0, "errors": 0, "units": 0,
     # configuration and process-level utilities
-    "config": 1, "systemd": 1, "logs": 1, "supervise": 1, "instance": 1,
+    "config": 1, "systemd": 1, "logs": 1, "supervise": 1, "instance": 1, "memory": 1,
     "backends": 2,
     "ledger": 3,
     "core": 4,

@@ -123,11 +123,15 @@ def test_socket_activation_through_systemd_socket_activate(agent_factory: object
         stderr=subprocess.STDOUT,
     )
     try:
-        # systemd-socket-activate starts the agent on the first connection.
-        status, health, _ = wait_for(lambda: _try(listen), 30)
-        assert status == 200 and health["status"] == "ok"
+        # systemd-socket-activate starts the agent on the first connection; health turns
+        # ok once discovery is done.
+        status, health, _ = wait_for(
+            lambda: (got := _try(listen)) and got[1]["status"] == "ok" and got, 30
+        )
+        assert status == 200
         assert not agent.socket.exists(), "an activated agent must not bind its own socket"
-        assert "systemd socket" in agent.log()
+        # The socket answers from before discovery; "ready" (READY=1) follows it.
+        wait_for(lambda: "systemd socket" in agent.log(), 10)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
