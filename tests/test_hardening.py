@@ -591,7 +591,7 @@ def test_oversized_qos1_messages_cannot_wedge_the_inbox(
     from agent.bus.topics import Topics
 
     root = topic_root()
-    lender = agent_factory(
+    agent_factory(  # the lender
         node="lender", config=mqtt_config(broker, root, "lender", keepalive_s=30)
     )
     victim = agent_factory(

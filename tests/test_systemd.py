@@ -125,7 +125,7 @@ def test_socket_activation_through_systemd_socket_activate(agent_factory: object
     try:
         # systemd-socket-activate starts the agent on the first connection; health turns
         # ok once discovery is done.
-        status, health, _ = wait_for(
+        status, _health, _ = wait_for(
             lambda: (got := _try(listen)) and got[1]["status"] == "ok" and got, 30
         )
         assert status == 200
