@@ -147,7 +147,15 @@ FLOOD = (
     "        s.connect(sys.argv[1]); held.append(s)\n"
     "    except OSError:\n"
     "        s.close()\n"
-    "print(len(held), flush=True)\n"
+    "time.sleep(2)\n"
+    "closed = 0\n"
+    "for s in held:\n"
+    "    s.setblocking(False)\n"
+    "    try:\n"
+    "        closed += s.recv(1) == b''\n"
+    "    except BlockingIOError:\n"
+    "        pass\n"
+    "print(len(held), closed, flush=True)\n"
     "time.sleep(30)\n"
 )
 
@@ -178,23 +186,22 @@ def idle(n: int) -> dict[str, Any]:
             text=True,
         )
         assert flood.stdout is not None
-        connected = int(flood.stdout.readline())
+        connected, closed = map(int, flood.stdout.readline().split())
         time.sleep(1)
         times = []
         for _ in range(20):
             started = time.monotonic()
             ok = agent.xpuctl("status").returncode == 0
             times.append((time.monotonic() - started, ok))
-        held = agent.api("GET", "/metrics")
         flood.kill()
         flood.wait()
         flood.stdout.close()
     finally:
         agent.cleanup()
-    del held
     return {
         "connections_opened": connected,
-        "admitted_per_uid": 64,
+        "closed_by_the_agent": closed,
+        "held_open": connected - closed,
         "other_user_status_ok": sum(ok for _, ok in times),
         "other_user_status_p50_ms": round(1000 * sorted(t for t, _ in times)[10], 1),
         "fd_limit": 1024,
