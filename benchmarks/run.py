@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 *([] if full else ["--trials", "4", "--window", "5", "--cpu-seconds", "10"]),
             ],
         ),
+        ("startup", ["benchmarks.startup", "--json", "--runs", "40" if full else "15"]),
         *_placement(args.data, full),
     ]
     if full:
         runs.append(("mqtt-latency", ["benchmarks.mqtt_latency", "--json"]))
+        runs.append(("attack", ["benchmarks.attack", "--json"]))
     RESULTS.mkdir(exist_ok=True)
     failed = []
     for name, module_args in runs:
