@@ -73,9 +73,10 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
         boots = _publish_peers(client, topics, n, devices)
         started = time.monotonic()
         agent.start()
-        while len(_pool(agent)) < n:
+        # Complete: every peer with all its cards (status alone is not a view of it).
+        while (complete := sum(len(p["devices"]) == devices for p in _pool(agent))) < n:
             if time.monotonic() - started > 300:
-                raise TimeoutError("pool never filled")
+                raise TimeoutError(f"pool never filled: {complete} of {n} peers complete")
             time.sleep(0.05)
         full_view_s = time.monotonic() - started
         rng = random.Random(7)

@@ -158,6 +158,12 @@ class MqttView(msgspec.Struct, kw_only=True):
     published: int = 0
     #: Peer messages dropped, by reason: oversized, malformed, spoofed, stale, ...
     dropped: dict[str, int] = {}
+    #: Peers heard of whose cards have not arrived yet (not placeable).
+    peers_incomplete: int = 0
+    #: Retained state replaced in the intake by newer state before it was read.
+    coalesced: int = 0
+    #: Sessions replaced because the agent's QoS 1 probe did not come back.
+    stalls: int = 0
 
 
 class HealthView(msgspec.Struct, kw_only=True):

@@ -120,6 +120,9 @@ def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
             received=link.received,
             published=link.published,
             dropped=dict(link.dropped),
+            peers_incomplete=link.peers_incomplete,
+            coalesced=link.coalesced,
+            stalls=link.stalls,
         ),
     )
 

@@ -36,6 +36,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.bus.intake import IntakeStats, intake_type
 from agent.config import MqttConfig
 
 log = structlog.get_logger(__name__)
@@ -152,6 +153,7 @@ class Connection:
         self.probe_every_s = probe_every_s if probe_every_s is not None else config.heartbeat_s
         self.probe_timeout_s = probe_timeout_s
         self.stalls = 0
+        self._intake = IntakeStats()
         self._probe_token: bytes | None = None
         self._probe_back = asyncio.Event()
         self.endpoint = Endpoint.parse(config.url)
@@ -177,6 +179,19 @@ class Connection:
         self._client: aiomqtt.Client | None = None
 
     # -- producers (never block) --------------------------------------------------------
+
+    @property
+    def _ack_timeout_s(self) -> float:
+        """How long a PUBACK or SUBACK may take. An acknowledgement travels behind whatever
+        the broker already queued for us — a zone's retained state right after connecting
+        — so a slow one is not a dead link (keep-alive decides that): twice the keep-alive,
+        never less than the connect timeout."""
+        return max(OPERATION_TIMEOUT_S, 2.0 * self.config.keepalive_s)
+
+    @property
+    def coalesced(self) -> int:
+        """Retained state replaced in the intake by newer state before it was read."""
+        return self._intake.coalesced
 
     @property
     def connected(self) -> bool:
@@ -314,7 +329,7 @@ class Connection:
             keepalive=self.config.keepalive_s,
             timeout=OPERATION_TIMEOUT_S,
             socket_options=[NODELAY],
-            max_queued_incoming_messages=10_000,
+            queue_type=intake_type(self._intake),
             **extra,
         )
 
@@ -393,6 +408,7 @@ class Connection:
                         qos=message.qos,
                         retain=message.retain,
                         properties=self._publish_properties(message),
+                        timeout=self._ack_timeout_s,
                     )
                 except aiomqtt.MqttError:
                     self._put_back(message, latest)
@@ -412,16 +428,23 @@ class Connection:
         return _properties(PacketTypes.PUBLISH, **values) if values else None
 
     async def _prober(self, client: aiomqtt.Client) -> None:
+        """Two probes in a row must go missing: one can be lost in a burst the broker could
+        not queue (a zone's retained state at subscribe time), which heals by itself."""
         assert self.probe_topic is not None
+        missed = 0
         while True:
             await asyncio.sleep(self.probe_every_s)
             token = os.urandom(8).hex().encode()
             self._probe_token = token
             self._probe_back.clear()
-            await client.publish(self.probe_topic, token, qos=1, timeout=OPERATION_TIMEOUT_S)
+            await client.publish(self.probe_topic, token, qos=1, timeout=self._ack_timeout_s)
             try:
                 await asyncio.wait_for(self._probe_back.wait(), self.probe_timeout_s)
+                missed = 0
             except TimeoutError:
+                missed += 1
+                if missed < 2:
+                    continue
                 self.stalls += 1
                 log.warning(
                     "mqtt QoS 1 delivery stalled; reconnecting",
@@ -431,9 +454,24 @@ class Connection:
                 )
                 raise aiomqtt.MqttError("QoS 1 probe not delivered") from None
 
+    async def refetch(self, topics: Sequence[str]) -> bool:
+        """Ask the broker again for the retained messages of ``topics`` (subscribe to each
+        exactly, then drop those extra subscriptions; the wildcard ones stay). False when
+        not connected."""
+        client = self._client
+        if client is None or not topics:
+            return False
+        await client.subscribe([(t, 0) for t in topics], timeout=self._ack_timeout_s)
+        await client.unsubscribe(list(topics), timeout=self._ack_timeout_s)
+        return True
+
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             self.received += 1
+            # A queue that is not empty answers ``get`` without yielding; yield anyway, so
+            # that the socket keeps being read (into the coalescing intake) while a burst is
+            # handled. Unread, the broker's per-client queue fills and it drops messages.
+            await asyncio.sleep(0)
             if self.probe_topic is not None and message.topic.matches(self.probe_topic):
                 if message.payload == self._probe_token:
                     self._probe_back.set()

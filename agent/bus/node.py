@@ -3,6 +3,7 @@ wired together, and the named tasks the daemon supervises."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
@@ -31,6 +32,12 @@ from agent.core.service import NodeService
 from agent.supervise import every
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between looks for peers with missing state; topics per refetch; the pause
+#: between refetches (time for the broker to write one batch before queueing the next).
+RESYNC_EVERY_S = 3.0
+RESYNC_BATCH = 250
+RESYNC_PAUSE_S = 0.2
 
 PRUNE_EVERY_S = 1.0
 
@@ -91,7 +98,36 @@ class Bus:
             "lender": self.lender.run,
             "leases": self.borrower.run,
             "pool-expiry": self._expire_peers,
+            "pool-resync": self._resync,
         }
+
+    async def _resync(self) -> None:
+        """Fetch again, in batches the broker can queue, the retained state that known peers
+        are missing. Mosquitto queues at most ``max_queued_messages`` (default 1,000) per
+        client and drops the rest, and a zone's retained state arrives all at once at
+        subscribe: a newcomer to a 3,000-peer zone hears of every peer but misses a part
+        of their cards. Each batch is a subscription to exact topics, answered with just
+        those retained messages."""
+        tried: dict[tuple[str, str], int] = {}
+        while True:
+            await asyncio.sleep(RESYNC_EVERY_S)
+            # A topic that a few refetches did not bring is simply not retained (an older
+            # agent, a cleared node): stop asking.
+            missing = [
+                a for a in self.table.missing() if tried.get((a.node, a.kind.value), 0) < 3
+            ]
+            if not missing or not self.connection.connected:
+                continue
+            for address in missing:
+                key = (address.node, address.kind.value)
+                tried[key] = tried.get(key, 0) + 1
+            log.info("fetching missed peer state again", topics=len(missing))
+            for start in range(0, len(missing), RESYNC_BATCH):
+                batch = missing[start : start + RESYNC_BATCH]
+                topics = [self.topics.state(a.kind, a.node) for a in batch]
+                if not await self.connection.refetch(topics):
+                    break
+                await asyncio.sleep(RESYNC_PAUSE_S)
 
     # -- receiving --------------------------------------------------------------------------
 

@@ -493,7 +493,10 @@ def _width(args: argparse.Namespace) -> int | None:
 
 
 def cmd_pool(client: AgentClient, args: argparse.Namespace) -> int:
-    peers = render.filter_peers(client.get("/v1/pool"), args.model, args.state)
+    from urllib.parse import quote  # noqa: PLC0415 - http.client has imported it already
+
+    path = f"/v1/pool?model={quote(args.model)}" if args.model else "/v1/pool"
+    peers = render.filter_peers(client.get(path), args.model, args.state)
     return _print(args, peers, lambda ps: render.pool_text(ps, _width(args), args.wide))
 
 

@@ -23,6 +23,12 @@ class LinkState:
     published: int = 0
     #: Peer messages dropped, by reason (oversized, malformed, spoofed, stale, ...).
     dropped: Mapping[str, int] = field(default_factory=dict)
+    #: Peers heard of whose cards have not arrived (not placeable yet).
+    peers_incomplete: int = 0
+    #: Retained state messages replaced in the intake by a newer one before being read.
+    coalesced: int = 0
+    #: Sessions replaced because the QoS 1 probe did not come back.
+    stalls: int = 0
 
 
 @dataclass(frozen=True, slots=True)
