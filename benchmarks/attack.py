@@ -42,6 +42,7 @@ from tests.harness import PY, AgentProcess, short_tmpdir, wait_for
 from tests.relay import tcp_relay
 from tests.test_authz import GROUP, ensure_group, ensure_user
 from tests.test_fuzz_api import FUZZ_CONFIG, schemathesis_run
+from tests.test_hardening import FLOOD
 
 PARTS = ("fuzz", "mqtt", "idle", "kills", "disk")
 
@@ -138,28 +139,6 @@ def mqtt(n: int) -> dict[str, Any]:
     }
 
 
-FLOOD = (
-    "import socket, sys, time\n"
-    "held = []\n"
-    "for _ in range(int(sys.argv[2])):\n"
-    "    s = socket.socket(socket.AF_UNIX)\n"
-    "    try:\n"
-    "        s.connect(sys.argv[1]); held.append(s)\n"
-    "    except OSError:\n"
-    "        s.close()\n"
-    "time.sleep(2)\n"
-    "closed = 0\n"
-    "for s in held:\n"
-    "    s.setblocking(False)\n"
-    "    try:\n"
-    "        closed += s.recv(1) == b''\n"
-    "    except BlockingIOError:\n"
-    "        pass\n"
-    "print(len(held), closed, flush=True)\n"
-    "time.sleep(30)\n"
-)
-
-
 def idle(n: int) -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (another user, prlimit)"}
@@ -181,6 +160,8 @@ def idle(n: int) -> dict[str, Any]:
                 FLOOD,
                 str(agent.socket),
                 str(n),
+                "30",  # seconds held
+                "64",  # api.max_connections_per_uid: that many stay open
             ],
             stdout=subprocess.PIPE,
             text=True,

@@ -5,7 +5,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.broker import MOSQUITTO, Mosquitto
 from tests.harness import AgentProcess
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Mosquitto]:
+    """A real Mosquitto for the module's tests (modules with their own needs define their
+    own ``broker``, which takes precedence)."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (make deps installs it)")
+    mosquitto = Mosquitto().start()
+    yield mosquitto
+    mosquitto.cleanup()
 
 
 @pytest.fixture

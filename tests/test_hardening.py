@@ -17,7 +17,6 @@ import pytest
 
 from tests import sim_peers
 from tests.broker import (
-    MOSQUITTO,
     Mosquitto,
     Subscriber,
     mqtt_config,
@@ -159,15 +158,6 @@ def test_nested_json_on_the_bus_is_dropped_and_counted() -> None:
 
 
 # -- retried calls -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed (make deps installs it)")
-    mosquitto = Mosquitto().start()
-    yield mosquitto
-    mosquitto.cleanup()
 
 
 def test_an_empty_retained_status_removes_the_peer(

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from agent.cli import render
 from agent.cli.xpuctl import COMMANDS, build_parser
 from tests import sim_peers
-from tests.broker import MOSQUITTO, Mosquitto, mqtt_config, topic_root
+from tests.broker import Mosquitto, mqtt_config, topic_root
 from tests.harness import PY, REPO, AgentProcess, agent_env, json_out, wait_for
 
 COMPLETIONS = REPO / "packaging" / "completions"
@@ -242,15 +242,6 @@ def test_narrow_tables_drop_detail_before_cutting_names() -> None:
     wide = render.slices_text(slices, None)
     assert "BORROWER" in wide and slices[0]["device"] in wide  # type: ignore[operator]
     assert max(len(line) for line in wide.splitlines()) > 80
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed (make deps installs it)")
-    mosquitto = Mosquitto().start()
-    yield mosquitto
-    mosquitto.cleanup()
 
 
 def test_pool_of_200_peers_with_8_cards_fits_80_columns(

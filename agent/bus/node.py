@@ -35,9 +35,9 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between looks for peers with missing state; topics per refetch; the pause
 #: between refetches (time for the broker to write one batch before queueing the next).
-RESYNC_EVERY_S = 3.0
-RESYNC_BATCH = 250
-RESYNC_PAUSE_S = 0.2
+RESYNC_EVERY_S = 1.0
+RESYNC_BATCH = 800
+RESYNC_PAUSE_S = 0.1
 
 PRUNE_EVERY_S = 1.0
 
@@ -102,20 +102,18 @@ class Bus:
         }
 
     async def _resync(self) -> None:
-        """Fetch again, in batches the broker can queue, the retained state that known peers
-        are missing. Mosquitto queues at most ``max_queued_messages`` (default 1,000) per
-        client and drops the rest, and a zone's retained state arrives all at once at
-        subscribe: a newcomer to a 3,000-peer zone hears of every peer but misses a part
-        of their cards. Each batch is a subscription to exact topics, answered with just
-        those retained messages."""
+        """Fetch again, in batches the broker can queue, the retained state that known
+        peers are missing. Mosquitto queues at most ``max_queued_messages`` (default
+        1,000) per client and drops the rest, and a zone's retained state arrives all at
+        once at subscribe: a newcomer to a 3,000-peer zone hears of every peer but misses
+        a part of their cards. Each batch (800 topics) is a subscription to exact topics,
+        answered with just those retained messages."""
         tried: dict[tuple[str, str], int] = {}
         while True:
             await asyncio.sleep(RESYNC_EVERY_S)
             # A topic that a few refetches did not bring is simply not retained (an older
             # agent, a cleared node): stop asking.
-            missing = [
-                a for a in self.table.missing() if tried.get((a.node, a.kind.value), 0) < 3
-            ]
+            missing = [a for a in self.table.missing() if tried.get((a.node, a.kind.value), 0) < 3]
             if not missing or not self.connection.connected:
                 continue
             for address in missing:
