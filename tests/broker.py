@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class Mosquitto:
         acl_root: str | None = None,
         require_certificate: bool = False,
         tcp_nodelay: bool = True,
+        extra: Sequence[str] = (),
     ) -> None:
         assert MOSQUITTO is not None, "mosquitto is not installed"
         self.dir = short_tmpdir("mq")
@@ -98,6 +100,8 @@ class Mosquitto:
             acl = self.dir / "acl"
             acl.write_text(SHIPPED_ACL.read_text().replace("xpu/v1/", f"{acl_root}/"))
             lines.append(f"acl_file {acl}")
+        # Extra lines last: a bridge's ``connection`` section must follow the listener's.
+        lines += list(extra)
         self.config = self.dir / "mosquitto.conf"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None

@@ -294,7 +294,7 @@ def _encode_peers(peers: Sequence[Peer]) -> bytes:
 
 async def get_peer(request: web.Request) -> web.Response:
     node = request.match_info["node"]
-    peer = next((p for p in request.app[POOL].peers() if p.node == node), None)
+    peer = request.app[POOL].peer(node)
     if peer is None:
         raise NotFound(f"no peer {node!r} in the pool")
     return _json(views.peer_view(peer))

@@ -174,6 +174,10 @@ class PeerTable:
         now = self._clock()
         return [self._peer(r, now, ttl_s) for r in sorted(self._peers.values(), key=_node)]
 
+    def peer(self, node: str, ttl_s: float) -> Peer | None:
+        record = self._peers.get(node)
+        return None if record is None else self._peer(record, self._clock(), ttl_s)
+
     def online(self, node: str, ttl_s: float) -> bool:
         """Whether ``node`` is a peer this agent has heard say ``online`` within ``ttl_s``."""
         record = self._peers.get(node)
@@ -274,6 +278,9 @@ class MqttPool:
 
     def peers(self) -> Sequence[Peer]:
         return self.table.peers(self._peer_ttl_s())
+
+    def peer(self, node: str) -> Peer | None:
+        return self.table.peer(node, self._peer_ttl_s())
 
     async def borrow(
         self,

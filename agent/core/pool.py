@@ -81,6 +81,10 @@ class Pool(Protocol):
 
     def peers(self) -> Sequence[Peer]: ...
 
+    def peer(self, node: str) -> Peer | None:
+        """One peer, without building the whole pool."""
+        ...
+
     async def borrow(
         self,
         caller: Caller,
@@ -103,6 +107,9 @@ class StandalonePool:
 
     def peers(self) -> Sequence[Peer]:
         return ()
+
+    def peer(self, node: str) -> Peer | None:
+        return None
 
     async def borrow(
         self,
