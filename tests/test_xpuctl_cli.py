@@ -354,3 +354,41 @@ def test_unknown_command_lists_the_known_ones() -> None:
     result = run_cli("stauts")
     assert result.returncode == 2
     assert "invalid choice: 'stauts'" in result.stderr and "alloc" in result.stderr
+
+
+def test_devices_and_leases_fit_with_many_long_rows() -> None:
+    devices = [
+        {
+            "id": f"nvidia-GPU-{i:02d}4b2e0d3c-1111-2222-3333-444455556666",
+            "model": "NVIDIA H100 80GB HBM3 with a very long marketing name",
+            "memory_used_mib": 1024.0 * i,
+            "memory_total_mib": 81920,
+            "utilisation_pct": 37.0,
+            "slice_count": 3,
+            "allocated_compute_pct": 90,
+            "allocated_memory_mib": 65536,
+            "health": "warning",
+            "health_reason": "xid 79: GPU has fallen off the bus (twice in the last hour)",
+            "slices": [],
+        }
+        for i in range(64)
+    ]
+    leases = [
+        {
+            "slice_id": f"s-{i:012x}",
+            "lender": f"gpu-{i:04d}.rack{i % 40:02d}.site-a.example.internal",
+            "device": f"nvidia-GPU-{i:02d}4b2e0d3c-1111-2222-3333-444455556666",
+            "memory_mib": 8192,
+            "compute_pct": 30,
+            "expires_at": None,
+            "owner_uid": 1000,
+        }
+        for i in range(64)
+    ]
+    for text in (render.devices_text(devices, 80), render.leases_text(leases, 80)):
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+        assert len(lines) == 2 + 64  # one line per row, nothing wrapped
+    assert "s-00000000003f" in render.leases_text(leases, 80)  # ids are never cut
+    wide = render.devices_text(devices, None)
+    assert devices[0]["health_reason"] in wide  # type: ignore[operator]
