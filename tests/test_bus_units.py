@@ -173,6 +173,19 @@ def test_peer_becomes_placeable_with_status_and_capacity() -> None:
     assert sum(guard.dropped.values()) == 0
 
 
+def test_cards_are_kept_converted_with_shared_names_and_missing_state_is_listed() -> None:
+    t, _, _, _ = table()
+    for node in ("b", "c"):
+        send(t, status(seq=1, node=node), node=node)
+        send(t, capacity(seq=2, node=node), node=node)
+    b, c = t.peers(90)
+    assert b.devices[0].model == c.devices[0].model
+    assert b.devices[0].model is c.devices[0].model  # one string for the fleet, not one each
+    assert t.peers(90)[0].devices is b.devices  # converted once, not on every read
+    assert {(a.node, a.kind.value) for a in t.missing()} == {("b", "idle"), ("c", "idle")}
+    assert t.incomplete() == 0
+
+
 def test_bad_messages_are_dropped_and_counted() -> None:
     t, guard, _, _ = table()
     send(t, status(seq=1))
