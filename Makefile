@@ -40,7 +40,8 @@ deps:
 	@scripts/install-test-deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent tests benchmarks
+	$(VENV)/bin/ruff check agent tests benchmarks scripts
+	$(VENV)/bin/ruff format --check agent tests benchmarks scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict agent

@@ -102,7 +102,8 @@ def _cpu_s(pid: int) -> float:
 def run(seconds: float, concurrency: int, idle_s: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="xab", dir="/tmp"))
     agent = AgentProcess(
-        work, config="[slicing]\nmax_slices_per_device = 1000\ncompute_step_pct = 1\n",
+        work,
+        config="[slicing]\nmax_slices_per_device = 1000\ncompute_step_pct = 1\n",
         mock_devices='[{ model = "MockA100-80G", memory_mib = 81920, count = 8 }]',
     )
     bare_path = str(work / "bare.sock")
@@ -124,20 +125,29 @@ def run(seconds: float, concurrency: int, idle_s: float) -> dict[str, Any]:
         pairs = asyncio.run(_load(str(agent.socket), seconds, concurrency, _alloc_free))
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         python_pass = _wall([sys.executable, "-c", "pass"], 20)
-        xpuctl_status = _wall([sys.executable, "-m", "agent.cli.xpuctl", "--socket",
-                               str(agent.socket), "status"], 20, env)
+        xpuctl_status = _wall(
+            [sys.executable, "-m", "agent.cli.xpuctl", "--socket", str(agent.socket), "status"],
+            20,
+            env,
+        )
         xpuctl_bin = Path(sys.executable).parent / "xpuctl"
-        xpuctl_entry = (_wall([str(xpuctl_bin), "--socket", str(agent.socket), "status"], 20)
-                        if xpuctl_bin.exists() else None)
+        xpuctl_entry = (
+            _wall([str(xpuctl_bin), "--socket", str(agent.socket), "status"], 20)
+            if xpuctl_bin.exists()
+            else None
+        )
     finally:
         agent.cleanup()
         bare.terminate()
         bare.wait()
     return {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
-                   f"Python {platform.python_version()}",
-        "get_node": {"agent": agent_node, "bare_aiohttp": bare_node,
-                     "ratio": round(agent_node["per_s"] / bare_node["per_s"], 3)},
+        f"Python {platform.python_version()}",
+        "get_node": {
+            "agent": agent_node,
+            "bare_aiohttp": bare_node,
+            "ratio": round(agent_node["per_s"] / bare_node["per_s"], 3),
+        },
         "alloc_free_pairs": pairs,
         "xpuctl_status_s": round(xpuctl_status, 4),
         "xpuctl_entry_point_s": round(xpuctl_entry, 4) if xpuctl_entry else None,

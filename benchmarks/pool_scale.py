@@ -46,7 +46,10 @@ def _client(broker: Mosquitto) -> Any:
 
 def _capacity(node: str, boot: str, seq: int, devices: int, free_mib: int) -> bytes:
     return sim_peers.capacity(
-        node, boot, seq, ["MockA100-80G"] * devices,
+        node,
+        boot,
+        seq,
+        ["MockA100-80G"] * devices,
         lambda i: free_mib if i == 0 else sim_peers.CARD_MIB,
     )
 

@@ -41,8 +41,10 @@ def ensure_user(name: str, groups: list[str]) -> User:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        name], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+        )
     subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
     return User(name, pwd.getpwnam(name).pw_uid)
 
@@ -75,16 +77,40 @@ def as_user(agent: AgentProcess, user: User, *args: str) -> subprocess.Completed
     """xpuctl as ``user`` with their supplementary groups (setpriv --init-groups)."""
     from tests.harness import PY, REPO, agent_env
 
-    cmd = ["setpriv", f"--reuid={user.uid}", f"--regid={pwd.getpwuid(user.uid).pw_gid}",
-           "--init-groups", PY, "-m", "agent.cli.xpuctl", "--socket", str(agent.socket), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, cwd="/tmp",
-                          env={**agent_env(), "PYTHONPATH": str(REPO)})
+    cmd = [
+        "setpriv",
+        f"--reuid={user.uid}",
+        f"--regid={pwd.getpwuid(user.uid).pw_gid}",
+        "--init-groups",
+        PY,
+        "-m",
+        "agent.cli.xpuctl",
+        "--socket",
+        str(agent.socket),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/tmp",
+        env={**agent_env(), "PYTHONPATH": str(REPO)},
+    )
 
 
 def sleeper(user: User) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["setpriv", f"--reuid={user.uid}",
-                             f"--regid={pwd.getpwuid(user.uid).pw_gid}", "--clear-groups",
-                             "sleep", "60"])
+    return subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={user.uid}",
+            f"--regid={pwd.getpwuid(user.uid).pw_gid}",
+            "--clear-groups",
+            "sleep",
+            "60",
+        ]
+    )
 
 
 def test_socket_mode_and_group(shared_agent: AgentProcess) -> None:
@@ -102,11 +128,13 @@ def test_outsider_cannot_reach_socket(shared_agent: AgentProcess) -> None:
 
 def test_authorisation_matrix(shared_agent: AgentProcess, users: dict[str, User]) -> None:
     alice, bob, carol = users["alice"], users["bob"], users["carol"]
-    mine = json_out(as_user(shared_agent, alice, "--json", "alloc", "--memory", "1GiB",
-                            "--compute", "10"))
+    mine = json_out(
+        as_user(shared_agent, alice, "--json", "alloc", "--memory", "1GiB", "--compute", "10")
+    )
     assert mine["owner_uid"] == alice.uid
-    theirs = json_out(as_user(shared_agent, bob, "--json", "alloc", "--memory", "1GiB",
-                              "--compute", "10"))
+    theirs = json_out(
+        as_user(shared_agent, bob, "--json", "alloc", "--memory", "1GiB", "--compute", "10")
+    )
     assert theirs["owner_uid"] == bob.uid
 
     # Everyone sees every slice, but only the owner sees the env (it carries the token).
@@ -132,8 +160,12 @@ def test_authorisation_matrix(shared_agent: AgentProcess, users: dict[str, User]
         assert denied.returncode == 3 and "may not release" in denied.stderr
         # alice cannot unbind from bob's slice either (API level).
         # carol (admin group) may release bob's slice and bind anyone's process.
-        assert as_user(shared_agent, carol, "attach", theirs["id"], "--pid",
-                       str(bob_proc.pid)).returncode == 0
+        assert (
+            as_user(
+                shared_agent, carol, "attach", theirs["id"], "--pid", str(bob_proc.pid)
+            ).returncode
+            == 0
+        )
         assert as_user(shared_agent, carol, "free", theirs["id"]).returncode == 0
         # root may do anything.
         assert shared_agent.xpuctl("free", mine["id"]).returncode == 0
@@ -143,13 +175,15 @@ def test_authorisation_matrix(shared_agent: AgentProcess, users: dict[str, User]
             proc.wait()
 
 
-def test_owner_comes_from_peercred_not_the_body(shared_agent: AgentProcess,
-                                                users: dict[str, User]) -> None:
+def test_owner_comes_from_peercred_not_the_body(
+    shared_agent: AgentProcess, users: dict[str, User]
+) -> None:
     """A body cannot claim another owner: unknown fields are refused."""
     alice = users["alice"]
     result = as_user(shared_agent, alice, "--json", "alloc", "--memory", "1GiB", "--compute", "10")
     created = json_out(result)
     assert created["owner_uid"] == alice.uid
-    status, problem, _ = shared_agent.api("POST", "/v1/slices", {"memory_mib": 1, "compute_pct": 1,
-                                                                  "owner_uid": alice.uid})
+    status, problem, _ = shared_agent.api(
+        "POST", "/v1/slices", {"memory_mib": 1, "compute_pct": 1, "owner_uid": alice.uid}
+    )
     assert status == 400 and "owner_uid" in problem["detail"]

@@ -55,8 +55,11 @@ def client(agent: AgentProcess, name: str, record: Record, stop: threading.Event
             continue
         n += 1
         request_id = f"{name}-{n}"
-        body = {"memory_mib": rng.choice([512, 1024, 2048, 3072]),
-                "compute_pct": rng.choice([10, 20, 30, 50]), "request_id": request_id}
+        body = {
+            "memory_mib": rng.choice([512, 1024, 2048, 3072]),
+            "compute_pct": rng.choice([10, 20, 30, 50]),
+            "request_id": request_id,
+        }
         with record.lock:
             record.requests += 1
             record.in_doubt.add(request_id)
@@ -79,8 +82,9 @@ def check(agent: AgentProcess, record: Record) -> None:
     db = sqlite3.connect(agent.state / "ledger.sqlite")
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = db.execute("SELECT id, device, memory_mib, compute_pct, state, request_id "
-                          "FROM slices").fetchall()
+        rows = db.execute(
+            "SELECT id, device, memory_mib, compute_pct, state, request_id FROM slices"
+        ).fetchall()
     finally:
         db.close()
     by_id = {r[0]: r for r in rows}
@@ -109,8 +113,12 @@ def check(agent: AgentProcess, record: Record) -> None:
             acc[1] += compute
             acc[2] += 1
     for device, (memory, compute, count) in per_card.items():
-        assert memory <= CARD_MIB and compute <= 100 and count <= MAX_SLICES, (device, memory,
-                                                                               compute, count)
+        assert memory <= CARD_MIB and compute <= 100 and count <= MAX_SLICES, (
+            device,
+            memory,
+            compute,
+            count,
+        )
 
 
 def test_kill_9_at_random_instants_keeps_the_ledger_consistent(
@@ -122,8 +130,10 @@ def test_kill_9_at_random_instants_keeps_the_ledger_consistent(
     )
     record = Record()
     stop = threading.Event()
-    threads = [threading.Thread(target=client, args=(agent, f"c{i}", record, stop), daemon=True)
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=client, args=(agent, f"c{i}", record, stop), daemon=True)
+        for i in range(4)
+    ]
     for thread in threads:
         thread.start()
     rng = random.Random(1234)
@@ -143,6 +153,9 @@ def test_kill_9_at_random_instants_keeps_the_ledger_consistent(
     with record.lock:
         assert record.answered > 4 * KILLS, "clients must have raced the kills"
         live_ids = {s["id"] for s in live}
-        expected = {sid for sid in record.acked.values()
-                    if sid not in record.released and sid not in record.releasing}
+        expected = {
+            sid
+            for sid in record.acked.values()
+            if sid not in record.released and sid not in record.releasing
+        }
     assert expected <= live_ids

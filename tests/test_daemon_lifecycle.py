@@ -90,8 +90,12 @@ def test_journald_lines_have_priority_and_no_timestamp() -> None:
     with open(log_path, "wb") as err:
         st = os.fstat(err.fileno())
         env = {**agent_env(), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli.daemon_main", "--config",
-                                 str(config)], stderr=err, stdout=err, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli.daemon_main", "--config", str(config)],
+            stderr=err,
+            stdout=err,
+            env=env,
+        )
         try:
             wait_for(lambda: "xpu-agent ready" in log_path.read_text(), 20)
         finally:

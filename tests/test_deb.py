@@ -208,9 +208,10 @@ def test_installed_files_permissions_and_group(installed: Installed) -> None:
     assert Path("/usr/share/doc/xpu-agent/README.md").exists()
     assert Path("/usr/share/doc/xpu-agent/grafana-dashboard.json").exists()
     completions = REPO / "packaging" / "completions"
-    assert Path("/usr/share/bash-completion/completions/xpuctl").read_text() == (
-        completions / "xpuctl.bash"
-    ).read_text()
+    assert (
+        Path("/usr/share/bash-completion/completions/xpuctl").read_text()
+        == (completions / "xpuctl.bash").read_text()
+    )
     assert Path("/usr/share/zsh/vendor-completions/_xpuctl").exists()
 
 

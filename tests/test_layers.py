@@ -13,16 +13,29 @@ AGENT = Path(__file__).resolve().parent.parent / "agent"
 
 LEVELS = {
     # the shared model
-    "__init__": 0, "model": 0, "errors": 0, "units": 0,
+    "__init__": 0,
+    "model": 0,
+    "errors": 0,
+    "units": 0,
     # configuration and process-level utilities
-    "config": 1, "systemd": 1, "logs": 1, "supervise": 1, "instance": 1, "memory": 1,
+    "config": 1,
+    "systemd": 1,
+    "logs": 1,
+    "supervise": 1,
+    "instance": 1,
+    "memory": 1,
     "backends": 2,
     "ledger": 3,
     "core": 4,
     # interfaces over the same core; none imports another
-    "api": 5, "bus": 5, "enforce": 5, "client": 5,
+    "api": 5,
+    "bus": 5,
+    "enforce": 5,
+    "client": 5,
     # composition roots and entry points
-    "daemon": 6, "demo": 6, "cli": 7,
+    "daemon": 6,
+    "demo": 6,
+    "cli": 7,
 }
 
 
@@ -66,8 +79,7 @@ def test_only_the_binding_imports_pynvml() -> None:
     importers = [
         str(p.relative_to(AGENT.parent))
         for p in AGENT.rglob("*.py")
-        if any(name == "pynvml" or name.startswith("pynvml.")
-               for name in _external_imports(p))
+        if any(name == "pynvml" or name.startswith("pynvml.") for name in _external_imports(p))
     ]
     assert importers == ["agent/backends/nvml/binding.py"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,41 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"SQLite format 3\x00" + b"\x01" * 4000)
     with pytest.raises((LedgerCorruptError, sqlite3.DatabaseError)):
         Ledger(path)
+
+
+def test_migrations_split_where_sqlite_sees_a_statement_end() -> None:
+    sql = (
+        "-- a migration\n"
+        "CREATE TABLE t (a TEXT DEFAULT 'x;y');\n"
+        "INSERT INTO t (a) VALUES ('semi; colon');\n"
+        "CREATE TRIGGER tr AFTER INSERT ON t BEGIN\n"
+        "  UPDATE t SET a = 'b;c' WHERE rowid = new.rowid;\n"
+        "END;\n"
+        "-- trailing comment\n"
+    )
+    statements = store.split_statements(sql)
+    assert len(statements) == 3, statements  # a naive split(";") makes 7
+    db = sqlite3.connect(":memory:")
+    for statement in statements:
+        db.execute(statement)
+    assert db.execute("SELECT a FROM t").fetchone() == ("semi; colon",)
+    db.close()
+    with pytest.raises(LedgerCorruptError, match="incomplete"):
+        store.split_statements("CREATE TABLE u (a INT")
+
+
+def test_dangling_foreign_keys_are_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    s, _ = ledger.allocate("d0", CAP, req(), 1.0)
+    ledger.close()
+    db = sqlite3.connect(path)  # foreign keys are off on a connection that does not ask
+    db.execute("INSERT INTO bindings (slice_id, pid, start_time) VALUES ('s-gone', 1, 1.0)")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerCorruptError, match="dangling foreign key in bindings"):
+        Ledger(path)
+    assert s.id
 
 
 def test_capacity_is_checked_in_the_transaction(tmp_path: Path) -> None:
@@ -129,11 +165,23 @@ async def test_group_commit_isolates_a_failing_call(tmp_path: Path) -> None:
         worker._ledger.record_event("half", {})
         raise RuntimeError("fails after writing")
 
-    futures = [worker.submit(make(100)), worker.submit(broken), worker.submit(make(200)),
-               worker.submit(make(5000))]
+    # Hold the ledger thread so that the four calls queue up and run as *one* batch: the
+    # broken one must then be undone by its own SAVEPOINT while the others commit.
+    gate = threading.Event()
+    held = worker.submit(lambda: gate.wait(10))
+    await asyncio.sleep(0.05)
+    futures = [
+        worker.submit(make(100)),
+        worker.submit(broken),
+        worker.submit(make(200)),
+        worker.submit(make(5000)),
+    ]
+    gate.set()
+    await held
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert isinstance(results[1], RuntimeError)
     assert isinstance(results[3], DoesNotFit)
+    assert (worker.batches, worker.calls) == (2, 5), "the four calls shared one transaction"
     worker.close()
     reopened = Ledger(path)
     assert sorted(s.memory_mib for s in reopened.live()) == [100, 200]

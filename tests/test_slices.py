@@ -68,11 +68,13 @@ def test_request_id_is_idempotent_per_owner(agent: AgentProcess) -> None:
 def test_does_not_fit_is_409_naming_most_room(agent: AgentProcess) -> None:
     for device in ("mock-0", "mock-1", "mock-2"):
         alloc(agent, "--memory", "70GiB", "--compute", "90", "--device", device)
-    status, problem, ctype = agent.api("POST", "/v1/slices", {"memory_mib": 40960,
-                                                               "compute_pct": 50})
+    status, problem, ctype = agent.api(
+        "POST", "/v1/slices", {"memory_mib": 40960, "compute_pct": 50}
+    )
     assert status == 201  # mock-3 is still empty
-    status, problem, ctype = agent.api("POST", "/v1/slices", {"memory_mib": 50000,
-                                                               "compute_pct": 60})
+    status, problem, ctype = agent.api(
+        "POST", "/v1/slices", {"memory_mib": 50000, "compute_pct": 60}
+    )
     assert status == 409 and ctype == "application/problem+json"
     assert problem["extra"]["most_room"]["device"] == "mock-3"
     assert "most room: mock-3" in problem["detail"]
@@ -81,8 +83,10 @@ def test_does_not_fit_is_409_naming_most_room(agent: AgentProcess) -> None:
 
 
 def test_max_slices_per_device(agent_factory: Callable[..., AgentProcess]) -> None:
-    agent = agent_factory(config="[slicing]\nmax_slices_per_device = 3\n",
-                          mock_devices='[{ model = "M", memory_mib = 8192, count = 1 }]')
+    agent = agent_factory(
+        config="[slicing]\nmax_slices_per_device = 3\n",
+        mock_devices='[{ model = "M", memory_mib = 8192, count = 1 }]',
+    )
     for _ in range(3):
         alloc(agent, "--memory", "100", "--compute", "10")
     status, problem, _ = agent.api("POST", "/v1/slices", {"memory_mib": 100, "compute_pct": 10})
@@ -123,8 +127,10 @@ def test_slices_survive_a_restart(agent: AgentProcess) -> None:
 
 
 def test_run_prints_env_in_child_releases_and_passes_exit_code(agent: AgentProcess) -> None:
-    code = ("import os, sys; print('SLICE', os.environ['XPU_SLICE_ID'], "
-            "os.environ['XPU_MEMORY_LIMIT_MIB'], os.environ['XPU_DEVICE']); sys.exit(7)")
+    code = (
+        "import os, sys; print('SLICE', os.environ['XPU_SLICE_ID'], "
+        "os.environ['XPU_MEMORY_LIMIT_MIB'], os.environ['XPU_DEVICE']); sys.exit(7)"
+    )
     result = agent.xpuctl("run", "--memory", "1GiB", "--compute", "20", "--", PY, "-c", code)
     assert result.returncode == 7, result.stderr
     line = next(x for x in result.stdout.splitlines() if x.startswith("SLICE"))
@@ -133,16 +139,24 @@ def test_run_prints_env_in_child_releases_and_passes_exit_code(agent: AgentProce
     assert json_out(agent.xpuctl("--json", "slices")) == []
     history = json_out(agent.xpuctl("--json", "slices", "--all"))
     assert [(h["id"], h["state"]) for h in history] == [(slice_id, "released")]
-    events = [e["kind"] for e in json_out(agent.xpuctl("--json", "events"))
-              if e["slice_id"] == slice_id]
+    events = [
+        e["kind"] for e in json_out(agent.xpuctl("--json", "events")) if e["slice_id"] == slice_id
+    ]
     assert events[0] == "slice.allocated" and "process.bound" in events
     assert events[-1] == "slice.released"
 
 
 def test_run_reuses_slice_and_keeps_it(agent: AgentProcess) -> None:
     s = alloc(agent, "--memory", "1GiB", "--compute", "10")
-    result = agent.xpuctl("run", "--slice", str(s["id"]), "--", PY, "-c",
-                          "import os; print(os.environ['XPU_SLICE_ID'])")
+    result = agent.xpuctl(
+        "run",
+        "--slice",
+        str(s["id"]),
+        "--",
+        PY,
+        "-c",
+        "import os; print(os.environ['XPU_SLICE_ID'])",
+    )
     assert result.returncode == 0 and result.stdout.strip() == s["id"]
     assert [x["id"] for x in json_out(agent.xpuctl("--json", "slices"))] == [s["id"]]
 
@@ -213,14 +227,14 @@ def test_attach_binds_own_process_and_token_binds_automatically(agent: AgentProc
     assert isinstance(env, dict)
     token_child = spawn("import time; time.sleep(30)", env=env)
     try:
+
         def bound() -> bool:
             procs = json_out(agent.xpuctl("--json", "slices"))[0]["processes"]
             return [p["pid"] for p in procs] == [token_child.pid]
 
         wait_for(bound, 10)
         events = json_out(agent.xpuctl("--json", "events"))
-        assert any(e["kind"] == "process.bound" and e["data"].get("how") == "token"
-                   for e in events)
+        assert any(e["kind"] == "process.bound" and e["data"].get("how") == "token" for e in events)
     finally:
         token_child.kill()
         token_child.wait()
@@ -268,6 +282,17 @@ def test_run_without_command_is_usage_error(agent: AgentProcess) -> None:
 def test_xpuctl_help_lists_commands() -> None:
     out = xpuctl("--help")
     assert out.returncode == 0
-    for command in ("status", "devices", "slices", "alloc", "free", "run", "attach", "pool",
-                    "place", "borrow", "events"):
+    for command in (
+        "status",
+        "devices",
+        "slices",
+        "alloc",
+        "free",
+        "run",
+        "attach",
+        "pool",
+        "place",
+        "borrow",
+        "events",
+    ):
         assert command in out.stdout

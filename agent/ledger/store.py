@@ -43,6 +43,25 @@ class LedgerCorruptError(XpuError):
     title = "Ledger corrupt"
 
 
+def split_statements(sql: str) -> list[str]:
+    """A migration file's statements, split where SQLite itself sees one end
+    (``sqlite3.complete_statement``), so a ``;`` inside a string or a trigger body does not
+    cut a statement in two."""
+    statements: list[str] = []
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
+    ):
+        raise LedgerCorruptError(f"incomplete statement at the end of a migration: {pending!r}")
+    return statements
+
+
 def _migrations() -> list[tuple[int, str]]:
     folder = resources.files("agent.ledger") / "migrations"
     found = []
@@ -156,6 +175,15 @@ class Ledger:
         result = self._db.execute("PRAGMA integrity_check").fetchone()[0]
         if result != "ok":
             raise LedgerCorruptError(f"{self.path}: integrity check failed: {result}")
+        # Rows pointing at rows that are not there (a binding of a deleted slice): SQLite
+        # enforces foreign keys only on connections that ask, so check what is on disk.
+        dangling = self._db.execute("PRAGMA foreign_key_check").fetchall()
+        if dangling:
+            tables = sorted({row[0] for row in dangling})
+            raise LedgerCorruptError(
+                f"{self.path}: {len(dangling)} row(s) with a dangling foreign key in "
+                f"{', '.join(tables)}"
+            )
 
     def _migrate(self) -> None:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -168,9 +196,8 @@ class Ledger:
             return
         with self._write():
             for version, sql in pending:
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in split_statements(sql):
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {int(version)}")
 
     @property

@@ -108,7 +108,6 @@ class LedgerWorker:
         for call in calls:
             call.loop.call_soon_threadsafe(_settle, call)
 
-
     def _caller_error(self, exc: Exception) -> Exception:
         """SQLite's storage failures as the caller's error (507/503); noted for health."""
         translated: XpuError | None = storage_error(exc)

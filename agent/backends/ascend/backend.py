@@ -125,6 +125,7 @@ async def run_npu_smi(executable: str, args: Sequence[str], timeout_s: float) ->
     except OSError as exc:
         raise BackendError(f"cannot run {executable}: {exc}", command=command) from exc
     try:
+
         def overflow() -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
