@@ -38,11 +38,11 @@ from agent.bus import payloads
 from agent.bus.topics import Kind, Topics
 from tests import sim_peers, test_crash
 from tests.broker import Mosquitto, mqtt_config, topic_root
-from tests.harness import PY, AgentProcess, short_tmpdir, wait_for
+from tests.harness import AgentProcess, short_tmpdir, wait_for
 from tests.relay import tcp_relay
 from tests.test_authz import GROUP, ensure_group, ensure_user
 from tests.test_fuzz_api import FUZZ_CONFIG, schemathesis_run
-from tests.test_hardening import FLOOD
+from tests.test_hardening import start_flood
 
 PARTS = ("fuzz", "mqtt", "idle", "kills", "disk")
 
@@ -149,23 +149,8 @@ def idle(n: int) -> dict[str, Any]:
         assert agent.proc is not None
         os.chmod(agent.dir, 0o755)
         resource.prlimit(agent.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
-        flood = subprocess.Popen(
-            [
-                "setpriv",
-                f"--reuid={flooder.uid}",
-                f"--regid={flooder.uid}",
-                "--init-groups",
-                PY,
-                "-c",
-                FLOOD,
-                str(agent.socket),
-                str(n),
-                "30",  # seconds held
-                "64",  # api.max_connections_per_uid: that many stay open
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        # 30 s held; api.max_connections_per_uid (64) of them stay open.
+        flood = start_flood(agent.socket, flooder.uid, n, hold_s=30, keep=64)
         assert flood.stdout is not None
         connected, closed = map(int, flood.stdout.readline().split())
         time.sleep(1)

@@ -216,6 +216,30 @@ time.sleep(float(sys.argv[3]))
 """
 
 
+def start_flood(
+    sock: Path, uid: int, count: int, hold_s: float, keep: int
+) -> subprocess.Popen[str]:
+    """``count`` idle connections as ``uid`` (root runs it through setpriv); its first line
+    is "opened closed" once all but ``keep`` were closed by the agent (or 5 s passed)."""
+    return subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--init-groups",
+            PY,
+            "-c",
+            FLOOD,
+            str(sock),
+            str(count),
+            str(hold_s),
+            str(keep),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user and prlimit")
 def test_idle_connections_of_one_user_leave_the_api_to_others(
     agent_factory: Callable[..., AgentProcess],
@@ -232,23 +256,7 @@ def test_idle_connections_of_one_user_leave_the_api_to_others(
     os.chmod(agent.dir, 0o755)  # let the user reach the socket; its own mode decides
     # systemd's default soft limit; the agent must stay usable under it.
     resource.prlimit(agent.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
-    flood = subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={flooder.uid}",
-            f"--regid={flooder.uid}",
-            "--init-groups",
-            PY,
-            "-c",
-            FLOOD,
-            str(agent.socket),
-            "1100",
-            "20",
-            "16",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    flood = start_flood(agent.socket, flooder.uid, 1100, hold_s=20, keep=16)
     try:
         assert flood.stdout is not None
         held, closed = map(int, flood.stdout.readline().split())

@@ -468,10 +468,6 @@ class Connection:
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             self.received += 1
-            # A queue that is not empty answers ``get`` without yielding; yield anyway, so
-            # that the socket keeps being read (into the coalescing intake) while a burst is
-            # handled. Unread, the broker's per-client queue fills and it drops messages.
-            await asyncio.sleep(0)
             if self.probe_topic is not None and message.topic.matches(self.probe_topic):
                 if message.payload == self._probe_token:
                     self._probe_back.set()

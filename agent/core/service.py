@@ -575,13 +575,13 @@ class NodeService:
                 ledger.mark_stopped(ref, None, False)
 
         try:
-            legacy = await self._run(ledger.stopped)
-            for ref, slice_id in legacy:
-                found.setdefault(ref, slice_id)
+            legacy = [(r, s) for r, s in await self._run(ledger.stopped) if r not in found]
             if legacy:
+                # Into the runtime record first (one write), then out of the ledger: a crash
+                # in between leaves them in both, never in neither.
+                await asyncio.to_thread(self._stopped.add, legacy)
+                found.update(legacy)
                 await self._run(lambda: clear(legacy))
         except XpuError as exc:
             log.warning("could not read or clear the ledger's stopped table", error=str(exc))
-        for ref, slice_id in found.items():
-            await asyncio.to_thread(self._stopped.mark, ref, slice_id, True)
         return list(found.items())

@@ -55,6 +55,14 @@ class StoppedRecord:
             return
         self._write()
 
+    def add(self, rows: list[tuple[ProcessRef, str | None]]) -> None:
+        """Record several processes at once (one write)."""
+        if not self._loaded:
+            self.load()
+        for ref, slice_id in rows:
+            self._entries[(ref.pid, ref.start_time)] = slice_id
+        self._write()
+
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         rows = [

@@ -8,8 +8,10 @@ slice's run window. Both run on the event loop; signals are single syscalls, so 
 is needed, and the two never interleave inside a method except at an ``await``, after
 which every method re-checks what it holds.
 
-Safety (DESIGN.md §5): a process is written to the ledger's ``stopped`` table *before* it
-can first be stopped, and removed only after it has been resumed for good. So whatever
+Safety (DESIGN.md §5): a process is written to the stopped-process record
+(:mod:`agent.core.stopped`, in the runtime directory, never blocked by the ledger's disk)
+*before* it can first be stopped, and removed only after it has been resumed for good.
+So whatever
 ends the agent, the next start finds every process that may be stopped and resumes it
 (``recover()``). Releasing a slice, unbinding a process and a clean stop resume at once.
 """
@@ -87,7 +89,7 @@ class Enforcer:
         return len(resumed) + len(thawed)
 
     async def shutdown(self) -> None:
-        """On stop: resume everything held, then clear the ledger's records."""
+        """On stop: resume everything held, then clear their records."""
         for slice_id in list(self._held):
             self._drop(slice_id)
         await self._flush_unmarks()
@@ -209,7 +211,7 @@ class Enforcer:
 
     async def _enrol(self, slice_id: str) -> None:
         """Bring the slice's bound processes under the actuator, each recorded in the
-        ledger before it can be stopped; let go of those no longer bound."""
+        stopped-process record before it can be stopped; let go of those no longer bound."""
         slice_ = self.service.live.get(slice_id)
         held = self._held.get(slice_id)
         if slice_ is None or held is None:
