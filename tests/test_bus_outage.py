@@ -33,6 +33,15 @@ def test_broker_outage_keeps_the_api_up_and_the_pool_reconverges(
 
         broker.stop()
         down_at = time.monotonic()
+        # The agents notice the closed link within moments (a busy CI host may take a few
+        # hundred ms); from then on, for the whole outage, none may claim to be connected.
+        wait_for(
+            lambda: all(
+                x.api("GET", "/v1/node")[1]["mqtt"]["state"] != "connected" for x in (a, b)
+            ),
+            3,
+            0.05,
+        )
         slowest = 0.0
         states: set[str] = set()
         allocated = False
