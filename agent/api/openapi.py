@@ -57,6 +57,9 @@ _ERRORS = {
 }
 
 
+_UNPARSABLE = {"text/plain": {"schema": {"type": "string"}}}
+
+
 def openapi_document(routes: Sequence[Route], version: str) -> dict[str, Any]:
     types = [Problem]
     types += [r.body for r in routes if r.body is not None]
@@ -102,6 +105,10 @@ def openapi_document(routes: Sequence[Route], version: str) -> dict[str, Any]:
             responses[str(code)] = {"description": "OK (repeated request)", "content": body}
         for code in sorted({*route.errors, 500}):
             responses[str(code)] = {"description": _ERRORS[code], "content": problem}
+        # A request the HTTP layer cannot parse (a request line or header over aiohttp's
+        # 8 KiB limit) is refused by aiohttp itself, before any route, in plain text.
+        responses.setdefault("400", {"description": _ERRORS[400], "content": dict(problem)})
+        responses["400"]["content"] = {**responses["400"]["content"], **_UNPARSABLE}
         op: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.handler.__name__,
