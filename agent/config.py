@@ -92,6 +92,19 @@ class SlicingConfig(_Section):
     history_s: float = 86400.0
 
 
+class HostConfig(_Section):
+    """Host CPU and memory that slices may hold (``cpu_milli``, ``host_memory_mib``): the
+    node's (detected unless set) less a reserve for the system and the agent, as kubelet's
+    ``system-reserved``."""
+
+    #: CPUs of the node; 0: os.cpu_count().
+    cpus: float = 0.0
+    #: Memory of the node (``512GiB``); empty: what the kernel reports.
+    memory: str | int = ""
+    reserved_cpus: float = 1.0
+    reserved_memory: str | int = "2GiB"
+
+
 class EnforcementConfig(_Section):
     interval_ms: int = 500
     memory_action: Literal["report", "term", "kill"] = "term"
@@ -138,6 +151,7 @@ class Config(_Section):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     backends: BackendsConfig = msgspec.field(default_factory=BackendsConfig)
     slicing: SlicingConfig = msgspec.field(default_factory=SlicingConfig)
+    host: HostConfig = msgspec.field(default_factory=HostConfig)
     enforcement: EnforcementConfig = msgspec.field(default_factory=EnforcementConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
@@ -196,6 +210,16 @@ def _check(config: Config) -> None:
         raise ConfigError("enforcement.grace_s", "must not be negative")
     if config.enforcement.cgroup_root and not config.enforcement.cgroup_root.startswith("/"):
         raise ConfigError("enforcement.cgroup_root", "must be an absolute path or empty")
+    for key in ("cpus", "reserved_cpus"):
+        if getattr(config.host, key) < 0:
+            raise ConfigError(f"host.{key}", "must not be negative")
+    for key in ("memory", "reserved_memory"):
+        value = getattr(config.host, key)
+        if value not in ("", 0, "0"):
+            try:
+                parse_size_mib(value)
+            except ValueError as exc:
+                raise ConfigError(f"host.{key}", str(exc)) from None
     if config.backends.npu_smi.timeout_s <= 0:
         raise ConfigError("backends.npu_smi.timeout_s", "must be positive")
     if not config.backends.enabled:

@@ -99,6 +99,9 @@ class Slice:
     request_id: str | None = None
     ended_at: float | None = None
     processes: tuple[ProcessRef, ...] = ()
+    #: Host CPU (milli-CPUs) and memory (MiB) the slice holds besides its card share.
+    cpu_milli: int = 0
+    host_memory_mib: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,11 @@ class SliceRequest:
     priority: int = 0
     request_id: str | None = None
     borrower: str | None = None
+    #: Allowed card models, lower case (empty: any); see agent.placement.model_matches.
+    models: frozenset[str] = frozenset()
+    #: Host CPU (milli-CPUs) and memory (MiB) the job needs besides its card share.
+    cpu_milli: int = 0
+    host_memory_mib: int = 0
 
 
 @dataclass(frozen=True, slots=True)

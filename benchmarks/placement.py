@@ -6,8 +6,9 @@
 Per seed: shuffle the tasks, inflate with random draws to 130 % of the cluster's GPUs,
 place them one at a time (a task that fits nowhere is dropped) and record allocated against
 arrived GPU. Reports "unallocated GPU %" at 100 % arrival (mean and SD over seeds) and the
-allocation curve. ``agent*`` policies call the agent's own ``place_on_node`` (the function
-behind ``rank_nodes``); the others are the paper's baselines (benchmarks.placement_baselines).
+allocation curve. ``agent*`` policies place through the agent's own ``Placer`` (what the
+core calls for every decision), which learns the request mix online; the others are the
+paper's baselines (benchmarks.placement_baselines).
 See docs/benchmarks.md for the protocol, the trace mapping and results.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -23,13 +23,13 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.ledger import placement
+from agent import placement
 from benchmarks.placement_baselines import (
     BestFit,
     DotProduct,
@@ -41,9 +41,10 @@ from benchmarks.placement_baselines import (
 )
 from benchmarks.placement_sim import (
     MILLI,
-    Choice,
+    Cluster,
     Key,
     NodeSpec,
+    Replay,
     Scorer,
     Task,
     allocation_curve,
@@ -60,6 +61,8 @@ from benchmarks.placement_sim import (
 CARD_MIB = MILLI
 #: The trace sets no per-card limit on sharers; the smallest task is 5 %, so 100 never binds.
 CARD_SLOTS = 100
+#: How often (in tasks) the replay tells the placer what the pool has.
+SUPPLY_EVERY = 50
 
 AGENT_POLICIES: dict[str, placement.Policy] = {
     "agent": "fragmentation",
@@ -84,14 +87,14 @@ def to_request(task: Task) -> placement.Request:
             exclusive=True,
             cpu_milli=task.cpu_milli,
             memory_mib=task.memory_mib,
-            models=task.gpu_spec,
+            models=placement.parse_models(task.gpu_spec),
         )
     pct = math.ceil(task.gpu_milli / 10)
     return placement.Request(
         placement.Demand(pct * CARD_MIB // 100, pct),
         cpu_milli=task.cpu_milli,
         memory_mib=task.memory_mib,
-        models=task.gpu_spec,
+        models=placement.parse_models(task.gpu_spec),
     )
 
 
@@ -127,41 +130,53 @@ def node_state(spec: NodeSpec, key: Key) -> placement.NodeState:
     )
 
 
-@dataclass(slots=True)
-class AgentScorer:
-    """The agent's placement behind the engine: every (node state, task) is scored by
-    ``agent.ledger.placement.place_on_node``; ties go to the lowest node (``rank_nodes``)."""
-
-    policy: placement.Policy
-    mix: tuple[placement.Shape, ...]
-    weights: placement.Weights = placement.DEFAULT_WEIGHTS
-    name: str = "agent"
-    random_ties: bool = False
-    random_card: bool = False
-    track_affinity: bool = False
-    memo: dict[Hashable, float] = field(default_factory=dict)
-
-    def evaluate(self, spec: NodeSpec, key: Key, task: Task) -> Choice | None:
-        candidate = placement.place_on_node(
-            node_state(spec, key), to_request(task), self.policy, self.mix, self.memo, self.weights
-        )
-        if candidate is None:
-            return None
-        return (round(candidate.score, 9), tuple(int(d) for d in candidate.devices))
-
-
-def make_scorer(
-    policy: str,
-    tasks: Sequence[Task],
+def replay_agent(
+    nodes: Sequence[NodeSpec],
+    order: Sequence[Task],
+    placer: placement.Placer,
     step_pct: int,
-    weights: placement.Weights = placement.DEFAULT_WEIGHTS,
-) -> Scorer:
-    """The policy behind a CLI name; the agent learns its request mix from the pods file
-    (as FGD learns its typical pods), in the rounded form it would be granted."""
-    if policy in AGENT_POLICIES:
-        history = [to_request(rounded(t, step_pct)) for t in tasks]
-        mix = placement.learn_mix(history)
-        return AgentScorer(AGENT_POLICIES[policy], mix, weights, name=policy)
+) -> Replay:
+    """Place ``order`` one task at a time through the product's own :class:`Placer` — the
+    object the agent's core calls: it observes every request as it arrives (the only
+    history a live agent has), then ``rank_nodes`` over every node picks where it goes; a
+    task that fits nowhere is dropped. ``Cluster`` charges the choice and refuses any
+    over-commit, so a wrong answer from the placer fails loudly."""
+    cluster = Cluster(nodes, track_affinity=False)
+    states = [node_state(spec, cluster.key_of[i]) for i, spec in enumerate(cluster.specs)]
+    index = {spec.name: i for i, spec in enumerate(cluster.specs)}
+    arrived_total = allocated_total = placed = failed = 0
+    arrived: list[int] = []
+    allocated: list[int] = []
+    placements: list[tuple[int, tuple[int, ...]] | None] = []
+    for n, asked in enumerate(order):
+        arrived_total += asked.gpu_total
+        task = rounded(asked, step_pct)
+        request = to_request(task)
+        placer.observe(request)
+        if n % SUPPLY_EVERY == 0:
+            # The daemon tells its placer what the pool has on every ``place``; here it is
+            # told every SUPPLY_EVERY tasks (a full count of 1,213 nodes costs ~1 ms).
+            placer.set_supply(placement.supply_of(states))
+        best = placer.rank_nodes(states, request, limit=1)
+        if not best:
+            failed += 1
+            placements.append(None)
+        else:
+            i = index[best[0].node]
+            positions = tuple(int(d) for d in best[0].devices)
+            cluster.apply(i, task, positions)
+            states[i] = node_state(cluster.specs[i], cluster.key_of[i])
+            placements.append((i, positions))
+            allocated_total += asked.gpu_total
+            placed += 1
+        arrived.append(arrived_total)
+        allocated.append(allocated_total)
+    return Replay(gpu_capacity(nodes), arrived, allocated, placed, failed, placements)
+
+
+def make_scorer(policy: str, tasks: Sequence[Task]) -> Scorer:
+    """A baseline behind its CLI name; FGD learns its typical pods from the pods file, as
+    the paper's simulator does (the agent learns online instead: :func:`replay_agent`)."""
     scorers: dict[str, Scorer] = {
         "random": RandomFit(),
         "dot-product": DotProduct(),
@@ -200,9 +215,12 @@ def run_seed(
     if policy not in AGENT_POLICIES:
         node_order = list(nodes)
         random.Random(f"nodes-{seed}").shuffle(node_order)
-    scorer = make_scorer(policy, tasks, step_pct, weights)
-    charge = functools.partial(rounded, step_pct=step_pct) if policy in AGENT_POLICIES else None
-    run = replay(node_order, order, scorer, seed, charge)
+    if policy in AGENT_POLICIES:
+        run = replay_agent(
+            node_order, order, placement.Placer(AGENT_POLICIES[policy], weights), step_pct
+        )
+    else:
+        run = replay(node_order, order, make_scorer(policy, tasks), seed)
     curve = allocation_curve(run)
     return SeedResult(
         seed=seed,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.ledger import placement
+from agent import placement
 from benchmarks import placement as bench
 from benchmarks.placement_baselines import (
     BestFit,
@@ -27,7 +27,6 @@ from benchmarks.placement_sim import (
     gpu_capacity,
     load_nodes,
     load_tasks,
-    replay,
 )
 
 NODES_CSV = """sn,cpu_milli,memory_mib,gpu,model
@@ -77,7 +76,7 @@ def test_trace_tasks_become_agent_requests() -> None:
         placement.Demand(470, 47), cpu_milli=4000, memory_mib=8192
     )
     eight = bench.to_request(Task(64000, 1024, 8, 1000, frozenset({"G2"})))
-    assert (eight.count, eight.exclusive, eight.models) == (8, True, frozenset({"G2"}))
+    assert (eight.count, eight.exclusive, eight.models) == (8, True, frozenset({"g2"}))
     assert bench.to_request(Task(2000, 4096, 0, 0)).count == 0
     assert bench.rounded(Task(1, 1, 1, 470), 10).gpu_milli == 500
     assert bench.rounded(Task(1, 1, 1, 950), 10) == Task(1, 1, 1, 1000)  # a whole card now
@@ -110,12 +109,9 @@ def test_engine_refuses_to_over_commit() -> None:
 def test_rounding_costs_what_it_wastes() -> None:
     nodes = [NodeSpec("n", 64000, 65536, 1, "A")]
     tasks = [Task(1, 1, 1, 470), Task(1, 1, 1, 470), Task(1, 1, 1, 50)]
-    mix = placement.learn_mix(bench.to_request(t) for t in tasks)
-    exact = replay(nodes, tasks, bench.AgentScorer("fragmentation", mix), 0)
+    exact = bench.replay_agent(nodes, tasks, placement.Placer(), 1)
     assert exact.allocated[-1] == 990 and exact.failed == 0
-    coarse = replay(
-        nodes, tasks, bench.AgentScorer("fragmentation", mix), 0, lambda t: bench.rounded(t, 10)
-    )
+    coarse = bench.replay_agent(nodes, tasks, placement.Placer(), 10)
     assert coarse.allocated[-1] == 940 and coarse.failed == 1  # 50 % + 50 % leave no room
 
 
@@ -156,30 +152,34 @@ def _random_trace(seed: int) -> tuple[list[NodeSpec], list[Task]]:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_agent_replay_is_rank_nodes_step_by_step(seed: int) -> None:
-    """The harness scores node *states* and caches them; it must pick exactly what the
-    agent's ``rank_nodes`` picks on the same cluster."""
+def test_agent_replay_is_the_placer_step_by_step(seed: int) -> None:
+    """The harness must pick exactly what a fresh ``Placer`` — the object the core calls —
+    picks on the same cluster after the same requests, and never over-commit."""
     nodes, tasks = _random_trace(seed)
     order = arrival_order(tasks, gpu_capacity(nodes), seed=seed)
-    scorer = bench.make_scorer("agent", tasks, 1)
-    assert isinstance(scorer, bench.AgentScorer)
-    run = replay(nodes, order, scorer, seed)
+    run = bench.replay_agent(sorted(nodes, key=lambda n: n.name), order, placement.Placer(), 1)
     assert run.placed > 20 and run.failed > 0
-    mirror = Cluster(nodes, track_affinity=False)
-    for task, placed in zip(order, run.placements, strict=True):
-        states = [bench.node_state(n, mirror.key_of[i]) for i, n in enumerate(nodes)]
-        ranked = placement.rank_nodes(
-            states, bench.to_request(task), "fragmentation", scorer.mix, {}
-        )
+    mirror = Cluster(sorted(nodes, key=lambda n: n.name), track_affinity=False)
+    shadow = placement.Placer()
+    constrained = 0
+    for n, (task, placed) in enumerate(zip(order, run.placements, strict=True)):
+        states = [bench.node_state(s, mirror.key_of[i]) for i, s in enumerate(mirror.specs)]
+        request = bench.to_request(task)
+        constrained += bool(request.models)
+        shadow.observe(request)
+        if n % bench.SUPPLY_EVERY == 0:
+            shadow.set_supply(placement.supply_of(states))
+        ranked = shadow.rank_nodes(states, request)
         if placed is None:
             assert ranked == []
             continue
         node, positions = placed
         assert (ranked[0].node, ranked[0].devices) == (
-            nodes[node].name,
+            mirror.specs[node].name,
             tuple(f"{p:02d}" for p in positions),
         )
         mirror.apply(node, task, positions)
+    assert constrained > 0
 
 
 def test_baselines_behave_as_published() -> None:
@@ -230,3 +230,79 @@ def test_cli_prints_one_json_object(
 def test_parse_seeds() -> None:
     assert bench.parse_seeds("42-45") == [42, 43, 44, 45]
     assert bench.parse_seeds("1,3,7-8") == [1, 3, 7, 8]
+
+
+def test_trace_variants_constrain_and_weigh_as_described(tmp_path: Path) -> None:
+    """The held-out-style variants: gpuspecNN constrains NN % of the GPU tasks to model
+    groups that could hold them; cpuNNN redraws the CPU-only tasks to NNN % of the CPU."""
+    from benchmarks import trace_variants
+
+    rows = [
+        {
+            "name": f"p{i}",
+            "cpu_milli": "4000",
+            "memory_mib": "8192",
+            "num_gpu": "1",
+            "gpu_milli": "500",
+            "gpu_spec": "",
+        }
+        for i in range(80)
+    ] + [
+        {
+            "name": f"c{i}",
+            "cpu_milli": "8000",
+            "memory_mib": "8192",
+            "num_gpu": "0",
+            "gpu_milli": "0",
+            "gpu_spec": "",
+        }
+        for i in range(20)
+    ]
+    nodes = [NodeSpec("a", 64000, 262144, 8, "V100M16"), NodeSpec("b", 64000, 262144, 8, "T4")]
+    constrained = trace_variants.gpuspec(rows, nodes, 25, seed=1)
+    specs = [r["gpu_spec"] for r in constrained if r["num_gpu"] == "1"]
+    assert sum(1 for s in specs if s) == 20  # a quarter of the 80 GPU tasks
+    assert {s for s in specs if s} <= {"V100M16|V100M32", "T4"}  # only groups that can hold them
+    assert trace_variants.gpuspec(rows, nodes, 25, seed=1) == constrained
+    assert trace_variants.gpuspec(rows, nodes, 25, seed=2) != constrained
+    heavy = trace_variants.cpu_heavy(rows, 300, seed=1)
+    cpu_only = [r for r in heavy if r["num_gpu"] == "0"]
+    assert sum(int(r["cpu_milli"]) for r in cpu_only) == 3 * 20 * 8000
+    assert len(heavy) - len(cpu_only) == 80  # GPU tasks unchanged
+    assert (
+        trace_variants.main(
+            [
+                "--nodes",
+                str(_write_nodes(tmp_path, nodes)),
+                "--pods",
+                str(_write_pods(tmp_path, rows)),
+                "--out",
+                str(tmp_path / "v"),
+                "--gpuspec",
+                "10",
+                "--cpu",
+                "200",
+            ]
+        )
+        == 0
+    )
+    names = sorted(p.name for p in (tmp_path / "v").iterdir())
+    assert names == ["openb_pod_list_cpu200-seed1.csv", "openb_pod_list_gpuspec10-seed1.csv"]
+    assert len(load_tasks(tmp_path / "v" / names[1])) == 100
+
+
+def _write_nodes(tmp: Path, nodes: list[NodeSpec]) -> Path:
+    path = tmp / "nodes.csv"
+    lines = ["sn,cpu_milli,memory_mib,gpu,model"]
+    lines += [f"{n.name},{n.cpu_milli},{n.memory_mib},{n.gpus},{n.model}" for n in nodes]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_pods(tmp: Path, rows: list[dict[str, str]]) -> Path:
+    path = tmp / "pods.csv"
+    keys = list(rows[0])
+    path.write_text(
+        "\n".join([",".join(keys), *(",".join(r[k] for k in keys) for r in rows)]) + "\n"
+    )
+    return path

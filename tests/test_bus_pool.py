@@ -115,6 +115,15 @@ def test_clean_stop_says_offline_and_place_filters_by_model(
         a.xpuctl("--json", "place", "--memory", "8GiB", "--compute", "30", "--model", "910B")
     )
     assert none == []
+    # A set of models, as everywhere: both nodes; "A10" is not the A100.
+    both = json_out(
+        a.xpuctl("--json", "place", "--memory", "8GiB", "--compute", "30", "--model", "A100|H100")
+    )
+    assert {c["node"] for c in both} == {"a", "h"}
+    a10 = json_out(
+        a.xpuctl("--json", "place", "--memory", "8GiB", "--compute", "30", "--model", "A10")
+    )
+    assert a10 == []
     table = a.xpuctl("place", "--memory", "8GiB", "--compute", "30", "--model", "H100")
     assert table.returncode == 0 and "MockH100-80G" in table.stdout
 

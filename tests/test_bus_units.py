@@ -3,6 +3,7 @@ validation and ordering rules, the drop counters, preemption planning, backoff."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -11,13 +12,13 @@ import msgspec
 import pytest
 import structlog.testing
 
+from agent import placement
 from agent.bus import payloads
 from agent.bus.connection import BACKOFF_MAX_S, BACKOFF_MIN_S, Endpoint, backoff_s
 from agent.bus.guard import Guard
 from agent.bus.pool import PeerTable
 from agent.bus.topics import Address, Kind, Topics
 from agent.core import preempt
-from agent.ledger import placement
 from agent.model import Slice, SliceState
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "mqtt.md"
@@ -301,6 +302,14 @@ def card(card_id: str, free_mib: int, free_pct: int, slices: int = 0) -> placeme
     )
 
 
+def node(cards: list[placement.CardState]) -> placement.NodeState:
+    return placement.NodeState("n", tuple(cards))
+
+
+def ask(mib: int, pct: int) -> placement.Request:
+    return placement.Request(placement.Demand(mib, pct))
+
+
 def lent(
     slice_id: str, device: str, mib: int, pct: int, priority: int = 0, created: float = 0.0
 ) -> Slice:
@@ -327,15 +336,19 @@ def test_preemption_takes_fewest_lowest_priority_newest_first() -> None:
         lent("x", "c1", 40000, 40, created=1),
         lent("y", "c1", 31920, 50, created=2),
     ]
-    demand = placement.Demand(30000, 40)
+    demand = ask(30000, 40)
+    best_fit = placement.Placer("best-fit")
     # c0 needs one reclaim (the newest of the lowest priority); c1 needs one too (its
     # newest, y) — equal counts: the placement score of what is left decides, and best fit
     # prefers c0, filled exactly.
-    assert preempt.plan(cards, live, demand, "best-fit") == ["new"]
-    assert preempt.plan(cards, live, demand, "best-fit", device="c1") == ["y"]
-    assert preempt.plan(cards, live, demand, "best-fit", device="c0") == ["new"]
+    assert preempt.plan(node(cards), live, demand, best_fit) == ["new"]
+    assert preempt.plan(node(cards), live, demand, best_fit, device="c1") == ["y"]
+    assert preempt.plan(node(cards), live, demand, best_fit, device="c0") == ["new"]
     # Nothing helps a request bigger than a card; local (unlent) slices are never taken.
-    assert preempt.plan(cards, live, placement.Demand(90000, 10), "best-fit") == []
+    assert preempt.plan(node(cards), live, ask(90000, 10), best_fit) == []
+    # A model filter leaves out cards of other models.
+    only_h100 = placement.Request(placement.Demand(30000, 40), models=frozenset({"h100"}))
+    assert preempt.plan(node(cards), live, only_h100, best_fit) == []
     local = [
         Slice(
             id="mine",
@@ -348,13 +361,33 @@ def test_preemption_takes_fewest_lowest_priority_newest_first() -> None:
             token="t",
         )
     ]
-    assert preempt.plan([card("c0", 0, 0, 1)], local, demand, "best-fit") == []
+    assert preempt.plan(node([card("c0", 0, 0, 1)]), local, demand, best_fit) == []
 
 
 def test_preemption_takes_as_many_as_needed() -> None:
     cards = [card("c0", 0, 10, 3)]
     live = [lent(f"s{i}", "c0", 27306, 30, created=i) for i in range(3)]
-    assert preempt.plan(cards, live, placement.Demand(50000, 60), "fragmentation") == [
+    assert preempt.plan(node(cards), live, ask(50000, 60), placement.Placer()) == [
         "s2",
         "s1",
     ]
+
+
+# -- the lender's inbox ----------------------------------------------------------------------
+
+
+def test_fair_inbox_bounds_each_requester_and_serves_them_in_turn() -> None:
+    from agent.bus.lending import FairInbox
+
+    async def scenario() -> list[object]:
+        inbox = FairInbox(per_requester=3, total=5)
+        jobs = [object() for _ in range(10)]
+        accepted = [inbox.put("flood", j) for j in jobs[:5]]  # type: ignore[arg-type]
+        assert accepted == [True, True, True, False, False]  # its own queue is full
+        assert inbox.put("peer", jobs[5])  # type: ignore[arg-type]
+        assert inbox.put("peer", jobs[6])  # type: ignore[arg-type]
+        assert not inbox.put("third", jobs[7])  # type: ignore[arg-type]  # the total bound
+        return [await inbox.get() for _ in range(5)]
+
+    served = asyncio.run(scenario())
+    assert len(served) == 5 and len(set(map(id, served))) == 5

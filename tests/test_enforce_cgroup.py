@@ -14,7 +14,7 @@ import pytest
 from agent import config as config_mod
 from agent.errors import ConfigError
 from tests.enforce_support import BUSY, cpu_priority, events, proc_state, running, shares
-from tests.harness import AgentProcess, wait_for
+from tests.harness import AgentProcess, json_out, wait_for
 
 __all__ = ["cpu_priority"]  # a fixture, used by name below
 
@@ -128,3 +128,26 @@ def test_without_a_usable_cgroup_root_signals_are_used(
     assert "cgroup_root unusable; using signals" in agent.log()
     with running(agent, "--memory", "256MiB", "--compute", "10", code=BUSY) as (_, pid):
         wait_for(lambda: proc_state(pid) == "T", 5, interval_s=0.002)
+
+
+def test_host_limits_are_set_on_the_slice_cgroup(
+    agent_factory: Callable[..., AgentProcess], cgroup_root: Path
+) -> None:
+    """A slice holding host CPU and memory runs in its cgroup with cpu.max and memory.max,
+    where the tree has those controllers; elsewhere ``status`` says they are accounted only."""
+    available = set((cgroup_root / "cgroup.controllers").read_text().split())
+    agent = agent_factory(config=f'[enforcement]\ncgroup_root = "{cgroup_root}"\n')
+    host = json_out(agent.xpuctl("--json", "status"))["host"]
+    if not {"cpu", "memory"} <= available:
+        assert host["enforced"] is False
+        assert "lacks the" in host["limits"] and "controller" in host["limits"]
+        pytest.skip(f"the cgroup v2 tree here has only {sorted(available)}: no cpu/memory")
+    assert host["enforced"] is True
+    args = ("--memory", "256MiB", "--compute", "10", "--cpus", "0.5", "--host-memory", "256MiB")
+    code = "import os, time; print(os.getpid(), flush=True); time.sleep(30)"
+    with running(agent, *args, code=code) as (run, pid):
+        wait_for(lambda: cgroup_of(pid) != cgroup_of(run.pid), 5)
+        where = cgroup_root / cgroup_of(pid).rsplit("/", 1)[1]
+        assert (where / "cpu.max").read_text().split() == ["50000", "100000"]
+        assert int((where / "memory.max").read_text()) == 256 * 1024 * 1024
+    wait_for(lambda: not where.exists(), 5)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.core import matching
 from agent.enforce import policy
 from agent.enforce.policy import (
     CardSample,
@@ -79,7 +80,7 @@ def test_gather_maps_bound_processes_and_leaves_the_rest_unsliced() -> None:
         ),
         "d1": DeviceSample("d1", 0.0, 0.0, processes=(ProcessUsage(20, 7.0, None, 99.0),)),
     }
-    cards = {c.device: c for c in policy.gather(slices, samples)}
+    cards = {c.device: c for c in policy.gather(slices, matching.match(slices, samples))}
     assert [s.slice_id for s in cards["d0"].slices] == ["a"]
     assert cards["d0"].slices[0].processes == (ProcSample(10, 10.0, 100.0, 50.0),)
     # A lost slice is not enforced; its process is just another process on the card.
@@ -91,7 +92,8 @@ def test_gather_maps_bound_processes_and_leaves_the_rest_unsliced() -> None:
 
 def test_gather_unknown_start_time_trusts_the_binding() -> None:
     samples = {"d0": DeviceSample("d0", 0.0, 0.0, processes=(ProcessUsage(10, 1.0, 2.0, None),))}
-    (only,) = policy.gather([_slice("a", "d0", ref(10))], samples)
+    slices = [_slice("a", "d0", ref(10))]
+    (only,) = policy.gather(slices, matching.match(slices, samples))
     assert only.slices[0].processes[0].ref == ref(10)
 
 

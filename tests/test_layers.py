@@ -17,6 +17,8 @@ LEVELS = {
     "model": 0,
     "errors": 0,
     "units": 0,
+    # the ground floor: pure placement, imports nothing of the agent
+    "placement": 0,
     # configuration and process-level utilities
     "config": 1,
     "systemd": 1,

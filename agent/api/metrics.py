@@ -165,17 +165,19 @@ class AgentCollector(Collector):
             "Live slices per device and state.",
             labels=(*DEVICE_LABELS, "state"),
         )
+        uses = service.card_uses()
         for device in devices:
             labels = device_label_values(device, device.id)
-            on = service.slices_on(device.id)
+            use = uses[device.id]
+            on = use.slices
             info.add_metric(
                 [*labels, device.vendor.value, device.model, device.backend, str(device.index)],
                 1,
             )
             total.add_metric(labels, device.memory_total_mib * MIB)
-            allocated.add_metric(labels, sum(s.memory_mib for s in on) * MIB)
-            compute.add_metric(labels, sum(s.compute_pct for s in on) / 100)
-            slots.add_metric(labels, service.config.slicing.max_slices_per_device)
+            allocated.add_metric(labels, use.memory_allocated_mib * MIB)
+            compute.add_metric(labels, use.compute_allocated_pct / 100)
+            slots.add_metric(labels, use.max_slices)
             for state in Health:
                 health.add_metric([*labels, state.value], 1 if device.health is state else 0)
             unsliced.add_metric(labels, len(service.unsliced.get(device.id, ())))

@@ -30,6 +30,11 @@ LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=100)]
+#: Host CPU in milli-CPUs (at most 64k CPUs) and host memory (as card memory).
+CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=64_000_000)]
+HostMemoryMib = Annotated[int, msgspec.Meta(ge=0, le=2**30)]
+#: Allowed card models, ``A100|H100`` (a name matches a model containing it, no digit after).
+Models = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 #: Event sequence numbers are SQLite integers (signed 64 bits).
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
@@ -48,6 +53,9 @@ class AllocateBody(Body):
     labels: Labels = msgspec.field(default_factory=dict)
     priority: Priority = 0
     request_id: Name | None = None
+    model: Models | None = None
+    cpu_milli: CpuMilli = 0
+    host_memory_mib: HostMemoryMib = 0
 
 
 class BindBody(Body):
@@ -61,8 +69,10 @@ class PlaceBody(Body):
 
     memory_mib: MemoryMib
     compute_pct: ComputePct
-    model: Name | None = None
+    model: Models | None = None
     limit: Limit = 10
+    cpu_milli: CpuMilli = 0
+    host_memory_mib: HostMemoryMib = 0
 
 
 class BorrowBody(Body):
@@ -72,7 +82,9 @@ class BorrowBody(Body):
     compute_pct: ComputePct
     node: NodeName | None = None
     ttl_s: TtlS | None = None
-    model: Name | None = None
+    model: Models | None = None
+    cpu_milli: CpuMilli = 0
+    host_memory_mib: HostMemoryMib = 0
 
 
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -114,6 +126,8 @@ class SliceView(msgspec.Struct, kw_only=True):
     request_id: str | None
     processes: list[ProcessView]
     usage: SliceUsageView | None
+    cpu_milli: int = 0
+    host_memory_mib: int = 0
     #: Only shown to the slice's owner and admins: it carries the slice token.
     env: dict[str, str] | None
 
@@ -176,6 +190,18 @@ class HealthView(msgspec.Struct, kw_only=True):
     reasons: list[str] = []
 
 
+class HostView(msgspec.Struct, kw_only=True):
+    """Host CPU and memory for slices: the node's less the system reserve, what is free, and
+    whether limits are enforced (a delegated cgroup tree) or only accounted."""
+
+    cpu_milli: int
+    memory_mib: int
+    cpu_free_milli: int
+    memory_free_mib: int
+    enforced: bool
+    limits: str
+
+
 class NodeView(msgspec.Struct, kw_only=True):
     node: str
     zone: str
@@ -191,6 +217,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     free: Amount
     idle: Amount
     mqtt: MqttView
+    host: HostView
 
 
 class EventView(msgspec.Struct, kw_only=True):

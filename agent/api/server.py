@@ -28,11 +28,10 @@ from agent.api.openapi import Param, Route, openapi_document
 from agent.api.peercred import peer_credentials
 from agent.api.problems import from_error, from_http, problem_response
 from agent.core.caller import Caller, is_admin
-from agent.core.pool import Peer, Pool, place_across
+from agent.core.pool import Peer, Pool, parse_models
 from agent.core.service import NodeService
 from agent.errors import BadRequest, NotFound, PayloadTooLarge, XpuError
 from agent.instance import refuse_live_socket
-from agent.ledger import placement
 from agent.model import SliceRequest
 
 log = structlog.get_logger(__name__)
@@ -183,15 +182,13 @@ async def get_node(request: web.Request) -> web.Response:
 async def get_devices(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     caller = caller_of(request)
-    return _json(
-        [views.device_view(service, d, caller) for d in service.inventory.devices.values()]
-    )
+    return _json([views.device_view(service, u, caller) for u in service.card_uses().values()])
 
 
 async def get_device(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     device = service.device(request.match_info["id"])
-    return _json(views.device_view(service, device, caller_of(request)))
+    return _json(views.device_view(service, service.card_uses()[device.id], caller_of(request)))
 
 
 async def get_slices(request: web.Request) -> web.Response:
@@ -216,6 +213,9 @@ async def post_slices(request: web.Request) -> web.Response:
             labels=body.labels,
             priority=body.priority,
             request_id=body.request_id,
+            models=parse_models(body.model),
+            cpu_milli=body.cpu_milli,
+            host_memory_mib=body.host_memory_mib,
         ),
     )
     return _json(views.slice_view(service, slice_, caller), status=201 if created else 200)
@@ -253,10 +253,6 @@ async def delete_process(request: web.Request) -> web.Response:
     return _json(views.slice_view(service, slice_, caller))
 
 
-def _model_wanted(model: str, wanted: str) -> bool:
-    return any(w.strip().lower() in model.lower() for w in wanted.split("|") if w.strip())
-
-
 async def get_pool(request: web.Request) -> web.Response:
     """Every peer (filtered by ``node``, ``model`` or ``placeable``). A large pool's
     document — 14 MB and ~60 ms to build for 10,000 peers of 8 cards — is built in a
@@ -276,7 +272,8 @@ async def get_pool(request: web.Request) -> web.Response:
     if node is not None:
         peers = [p for p in peers if p.node == node]
     if model:
-        peers = [p for p in peers if any(_model_wanted(d.model, model) for d in p.devices)]
+        wanted = parse_models(model)
+        peers = [p for p in peers if p.has_model(wanted)]
     if placeable:
         peers = [p for p in peers if p.placeable]
     if len(peers) < POOL_CACHE_FROM:
@@ -303,27 +300,27 @@ async def get_peer(request: web.Request) -> web.Response:
 async def post_place(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.PlaceBody = await _body(request, schema.PlaceBody)
-    demand = placement.Demand(
-        body.memory_mib,
-        placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
-    )
-    ranked = place_across(
-        service.card_states(),
+    ranked = service.place(
+        SliceRequest(
+            memory_mib=body.memory_mib,
+            compute_pct=body.compute_pct,
+            owner_uid=caller_of(request).uid,
+            models=parse_models(body.model),
+            cpu_milli=body.cpu_milli,
+            host_memory_mib=body.host_memory_mib,
+        ),
         request.app[POOL].peers(),
-        demand,
-        service.config.slicing.placement,
-        body.model,
         body.limit,
     )
     return _json(
         [
             schema.CandidateView(
-                node=p.candidate.node,
-                device=p.candidate.device,
+                node=p.node,
+                device=p.device,
                 model=p.model,
-                score=round(p.candidate.score, 6),
-                memory_free_after_mib=p.candidate.memory_free_after_mib,
-                compute_free_after_pct=p.candidate.compute_free_after_pct,
+                score=round(p.score, 6),
+                memory_free_after_mib=p.memory_free_after_mib,
+                compute_free_after_pct=p.compute_free_after_pct,
                 local=p.local,
             )
             for p in ranked
@@ -334,12 +331,19 @@ async def post_place(request: web.Request) -> web.Response:
 async def post_borrow(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.BorrowBody = await _body(request, schema.BorrowBody)
-    demand = placement.Demand(
-        body.memory_mib,
-        placement.round_up_compute(body.compute_pct, service.config.slicing.compute_step_pct),
-    )
     caller = caller_of(request)
-    lease = await request.app[POOL].borrow(caller, demand, body.node, body.ttl_s, body.model)
+    wanted = service.normalise(
+        SliceRequest(
+            memory_mib=body.memory_mib,
+            compute_pct=body.compute_pct,
+            owner_uid=caller.uid,
+            ttl_s=body.ttl_s,
+            models=parse_models(body.model),
+            cpu_milli=body.cpu_milli,
+            host_memory_mib=body.host_memory_mib,
+        )
+    )
+    lease = await request.app[POOL].borrow(caller, wanted, body.node)
     return _json(views.lease_view(lease, caller), status=201)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from agent import __version__
 from agent.api import schema
 from agent.core.caller import Caller
+from agent.core.capacity import CardUse
 from agent.core.pool import Lease, Peer, Pool
 from agent.core.service import NodeService
-from agent.model import Device, Health, Slice
+from agent.model import Health, Slice
 
 
 def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.SliceView:
@@ -27,6 +28,8 @@ def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.Sl
         ended_at=slice_.ended_at,
         borrower=slice_.borrower,
         request_id=slice_.request_id if mine else None,
+        cpu_milli=slice_.cpu_milli,
+        host_memory_mib=slice_.host_memory_mib,
         processes=[
             schema.ProcessView(pid=p.pid, start_time=p.start_time) for p in slice_.processes
         ],
@@ -42,9 +45,9 @@ def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.Sl
     )
 
 
-def device_view(service: NodeService, device: Device, caller: Caller) -> schema.DeviceView:
+def device_view(service: NodeService, use: CardUse, caller: Caller) -> schema.DeviceView:
+    device, on = use.device, use.slices
     sample = service.inventory.samples.get(device.id)
-    on = service.slices_on(device.id)
     return schema.DeviceView(
         id=device.id,
         backend=device.backend,
@@ -64,8 +67,8 @@ def device_view(service: NodeService, device: Device, caller: Caller) -> schema.
         else None,
         temperature_c=sample.temperature_c if sample else None,
         power_w=sample.power_w if sample else None,
-        allocated_memory_mib=sum(s.memory_mib for s in on),
-        allocated_compute_pct=sum(s.compute_pct for s in on),
+        allocated_memory_mib=use.memory_allocated_mib,
+        allocated_compute_pct=use.compute_allocated_pct,
         slice_count=len(on),
         slices=[slice_view(service, s, caller) for s in on],
         unsliced_pids=list(service.unsliced.get(device.id, ())),
@@ -77,6 +80,18 @@ def idle_amount(service: NodeService) -> schema.Amount:
     lendable = service.lendable()
     return schema.Amount(
         memory_mib=lendable.memory_mib, compute_pct=lendable.compute_pct, slices=lendable.slices
+    )
+
+
+def host_view(service: NodeService) -> schema.HostView:
+    cpu_free, memory_free = service.host_free()
+    return schema.HostView(
+        cpu_milli=service.host.cpu_milli,
+        memory_mib=service.host.memory_mib,
+        cpu_free_milli=cpu_free,
+        memory_free_mib=memory_free,
+        enforced=service.host_limits.enforced,
+        limits=service.host_limits.why,
     )
 
 
@@ -110,6 +125,7 @@ def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
             slices=capacity.slices - allocated.slices,
         ),
         idle=idle_amount(service),
+        host=host_view(service),
         mqtt=schema.MqttView(
             enabled=link.enabled,
             connected=link.connected,

@@ -40,7 +40,7 @@ from agent.bus.guard import Guard
 from agent.bus.origin import Origin
 from agent.bus.topics import NOTICE, Topics
 from agent.core.caller import Caller
-from agent.core.pool import Lease, Peer, place_across
+from agent.core.pool import Lease, Peer, parse_models
 from agent.core.service import NodeService
 from agent.errors import (
     BadRequest,
@@ -51,7 +51,6 @@ from agent.errors import (
     Unavailable,
     XpuError,
 )
-from agent.ledger import placement
 from agent.model import Slice, SliceRequest, SliceState
 from agent.units import parse_duration_s
 
@@ -280,16 +279,15 @@ class Lender:
                 f"{self.origin.node} lends only to peers it knows to be online; "
                 f"{request.node} is not one (yet)"
             )
-        device = None
-        if request.model:
-            device = self._best_card(request)
         slice_, created = await self.service.allocate(
             system_caller(),
             SliceRequest(
                 memory_mib=request.memory_mib,
                 compute_pct=request.compute_pct,
                 owner_uid=os.getuid(),
-                device=device,
+                models=parse_models(request.model),
+                cpu_milli=request.cpu_milli,
+                host_memory_mib=request.host_memory_mib,
                 ttl_s=self._lease_ttl_s(request.ttl_s),
                 labels={"lent-to": request.node},
                 borrower=request.node,
@@ -305,22 +303,6 @@ class Lender:
             created=created,
         )
         return self._reply(request, 201 if created else 200, lease=self._grant(slice_))
-
-    def _best_card(self, request: payloads.BorrowRequest) -> str:
-        wanted = (request.model or "").lower()
-        cards = [c for c in self.service.card_states() if wanted in c.model.lower()]
-        if not cards:
-            raise DoesNotFit(f"no {request.model} card on {self.origin.node}")
-        demand = placement.Demand(
-            request.memory_mib,
-            placement.round_up_compute(
-                request.compute_pct, self.service.config.slicing.compute_step_pct
-            ),
-        )
-        ranked = placement.rank(cards, demand, self.service.config.slicing.placement)
-        if not ranked:
-            raise DoesNotFit(f"no {request.model} card on {self.origin.node} has room")
-        return ranked[0].device
 
     def _held_by(self, slice_id: str, node: str, token: str) -> Slice:
         slice_ = self.service.live.get(slice_id)
@@ -347,29 +329,25 @@ class Lender:
         return self._reply(request, 200, lease=self._grant(ended))
 
     def _place(self, request: payloads.PlaceRequest) -> payloads.Reply:
-        config = self.service.config
-        demand = placement.Demand(
-            request.memory_mib,
-            placement.round_up_compute(request.compute_pct, config.slicing.compute_step_pct),
-        )
-        ranked = place_across(
-            self.service.card_states(),
-            (),
-            demand,
-            config.slicing.placement,
-            request.model,
-            request.limit,
+        ranked = self.service.place(
+            SliceRequest(
+                memory_mib=request.memory_mib,
+                compute_pct=request.compute_pct,
+                owner_uid=os.getuid(),
+                models=parse_models(request.model),
+            ),
+            limit=request.limit,
         )
         return self._reply(
             request,
             200,
             candidates=[
                 payloads.PlacedCard(
-                    device=p.candidate.device,
+                    device=p.device,
                     model=p.model,
-                    score=p.candidate.score,
-                    memory_free_after_mib=p.candidate.memory_free_after_mib,
-                    compute_free_after_pct=p.candidate.compute_free_after_pct,
+                    score=p.score,
+                    memory_free_after_mib=p.memory_free_after_mib,
+                    compute_free_after_pct=p.compute_free_after_pct,
                 )
                 for p in ranked
             ],
@@ -523,13 +501,12 @@ class Borrower:
     async def borrow(
         self,
         caller: Caller,
-        demand: placement.Demand,
+        wanted: SliceRequest,
         node: str | None,
-        ttl_s: float | None,
-        model: str | None,
         peers: Sequence[Peer],
-        policy: placement.Policy,
     ) -> Lease:
+        """Borrow ``wanted`` (normalised) from ``node``, or from the peers the node's placer
+        ranks best (the next one when a lender refuses)."""
         known = list(peers)
         if node is not None:
             peer = next((p for p in known if p.node == node), None)
@@ -541,21 +518,24 @@ class Borrower:
                 raise Conflict(f"peer {node} is {peer.state}: not placeable")
             lenders = [node]
         else:
-            ranked = place_across([], [p for p in known if p.lends], demand, policy, model, 100)
-            lenders = list(dict.fromkeys(c.candidate.node for c in ranked))
+            ranked = self.service.place(wanted, [p for p in known if p.lends], 100, local=False)
+            lenders = list(dict.fromkeys(c.node for c in ranked))
             if not lenders:
+                on = f" on a {'|'.join(sorted(wanted.models))} card" if wanted.models else ""
                 raise DoesNotFit(
-                    f"no peer can lend {demand.memory_mib} MiB / {demand.compute_pct} %"
-                    + (f" on a {model} card" if model else "")
+                    f"no peer can lend {wanted.memory_mib} MiB / {wanted.compute_pct} %{on}"
                 )
+        model = "|".join(sorted(wanted.models)) or None
         last: XpuError | None = None
         for lender in lenders[:MAX_LENDERS_TRIED]:
             request = payloads.BorrowRequest(
                 **self._request_fields(),
-                memory_mib=demand.memory_mib,
-                compute_pct=demand.compute_pct,
-                ttl_s=ttl_s,
+                memory_mib=wanted.memory_mib,
+                compute_pct=wanted.compute_pct,
+                ttl_s=wanted.ttl_s,
                 model=model,
+                cpu_milli=wanted.cpu_milli,
+                host_memory_mib=wanted.host_memory_mib,
             )
             reply = await self.call(lender, request)
             if reply.status < 300 and reply.lease is not None:

@@ -83,7 +83,6 @@ class Bus:
             self.borrower,
             self.guard,
             peer_ttl_s=lambda: service.config.pool.peer_ttl_s,
-            policy=lambda: service.config.slicing.placement,
         )
         self._stale: set[str] = set()
 

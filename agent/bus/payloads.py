@@ -83,6 +83,9 @@ class Capacity(Envelope, frozen=True, kw_only=True, tag="xpu.capacity/1"):
     capacity: Amounts
     allocated: Amounts
     free: Amounts
+    #: Host CPU (milli) and memory (MiB) free for slices (absent from agents before 0.2).
+    host_cpu_free_milli: int | None = None
+    host_memory_free_mib: int | None = None
 
 
 class Idle(Envelope, frozen=True, kw_only=True, tag="xpu.idle/1"):
@@ -124,6 +127,8 @@ class BorrowRequest(Request, frozen=True, kw_only=True, tag="xpu.borrow/1"):
     compute_pct: Annotated[int, msgspec.Meta(ge=1, le=100)]
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     model: Text | None = None
+    cpu_milli: Annotated[int, msgspec.Meta(ge=0, le=64_000_000)] = 0
+    host_memory_mib: Annotated[int, msgspec.Meta(ge=0, le=2**30)] = 0
 
 
 class RenewRequest(Request, frozen=True, kw_only=True, tag="xpu.renew/1"):

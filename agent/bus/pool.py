@@ -21,7 +21,7 @@ from agent.bus.guard import Guard
 from agent.bus.topics import Address, Kind
 from agent.core.caller import Caller
 from agent.core.pool import Lease, LinkState, Peer, PeerDevice
-from agent.ledger import placement
+from agent.model import SliceRequest
 
 if TYPE_CHECKING:
     from agent.bus.connection import Connection
@@ -43,6 +43,8 @@ class _Record:
     #: The cards as last heard, converted once on receipt (not on every read of the pool:
     #: 10,000 peers x 8 cards rebuilt per ``GET /v1/pool`` cost 0.3-0.4 s of the loop).
     devices: tuple[PeerDevice, ...] | None = None
+    #: Host CPU (milli) and memory (MiB) free for slices, where the peer says.
+    host_free: tuple[int | None, int | None] = (None, None)
     idle: payloads.Idle | None = None
 
 
@@ -137,6 +139,7 @@ class PeerTable:
                 transition = Transition(body.node, "offline")
         elif isinstance(body, payloads.Capacity):
             record.devices = _devices(body)
+            record.host_free = (body.host_cpu_free_milli, body.host_memory_free_mib)
         else:
             record.idle = body
         return transition
@@ -204,6 +207,8 @@ class PeerTable:
             lendable_memory_mib=idle.memory_mib if idle and lends else 0,
             lendable_compute_pct=idle.compute_pct if idle and lends else 0,
             lends=lends,
+            cpu_free_milli=record.host_free[0],
+            host_memory_free_mib=record.host_free[1],
         )
 
     def missing(self) -> list[Address]:
@@ -251,14 +256,12 @@ class MqttPool:
         borrower: Borrower,
         guard: Guard,
         peer_ttl_s: Callable[[], float],
-        policy: Callable[[], placement.Policy],
     ) -> None:
         self.table = table
         self.connection = connection
         self.borrower = borrower
         self.guard = guard
         self._peer_ttl_s = peer_ttl_s
-        self._policy = policy
 
     def link(self) -> LinkState:
         connection = self.connection
@@ -288,14 +291,10 @@ class MqttPool:
     async def borrow(
         self,
         caller: Caller,
-        demand: placement.Demand,
+        request: SliceRequest,
         node: str | None,
-        ttl_s: float | None,
-        model: str | None,
     ) -> Lease:
-        return await self.borrower.borrow(
-            caller, demand, node, ttl_s, model, self.peers(), self._policy()
-        )
+        return await self.borrower.borrow(caller, request, node, self.peers())
 
     def leases(self) -> Sequence[Lease]:
         return self.borrower.leases()

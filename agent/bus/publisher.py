@@ -22,6 +22,7 @@ from agent.bus import payloads
 from agent.bus.connection import Outgoing
 from agent.bus.origin import Origin
 from agent.bus.topics import Topics
+from agent.core.capacity import totals
 from agent.core.service import NodeService
 from agent.model import Event
 
@@ -73,10 +74,10 @@ class Publisher:
 
     def capacity(self) -> payloads.Capacity:
         service = self.service
-        max_slices = service.config.slicing.max_slices_per_device
         devices = []
-        for device in service.inventory.devices.values():
-            on = service.slices_on(device.id)
+        uses = service.card_uses()
+        for card in uses.values():
+            device, on = card.device, card.slices
             sample = service.inventory.samples.get(device.id)
             slices = []
             for s in on:
@@ -99,10 +100,10 @@ class Publisher:
                     vendor=device.vendor.value,
                     health=device.health.value,
                     memory_total_mib=device.memory_total_mib,
-                    memory_free_mib=device.memory_total_mib - sum(s.memory_mib for s in on),
-                    compute_free_pct=100 - sum(s.compute_pct for s in on),
+                    memory_free_mib=card.memory_free_mib,
+                    compute_free_pct=card.compute_free_pct,
                     slice_count=len(on),
-                    max_slices=max_slices,
+                    max_slices=card.max_slices,
                     memory_used_mib=round(sample.memory_used_mib)
                     if sample and sample.memory_used_mib is not None
                     else None,
@@ -112,9 +113,12 @@ class Publisher:
                     slices=slices,
                 )
             )
-        capacity, allocated = service.totals()
+        capacity, allocated = totals(uses)
+        host_cpu, host_memory = service.host_free()
         return payloads.Capacity(
             **self.origin.stamp(),
+            host_cpu_free_milli=host_cpu,
+            host_memory_free_mib=host_memory,
             devices=devices,
             capacity=payloads.Amounts(
                 memory_mib=capacity.memory_mib,

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
+from agent.placement import model_matches, parse_models
 from agent.units import format_mib
 
 TYPE_CHECKING = False  # not ``typing``: see agent/cli/xpuctl.py
@@ -186,6 +187,16 @@ def status_text(node: dict[str, Any]) -> str:
         ("free", f"{mib(free['memory_mib'])}, {free['compute_pct']}% compute"),
         ("lendable", f"{mib(idle['memory_mib'])}, {idle['compute_pct']}% compute"),
     ]
+    host = node.get("host")
+    if host:
+        rows.append(
+            (
+                "host",
+                f"{host['cpu_free_milli'] / 1000:g} of {host['cpu_milli'] / 1000:g} CPUs and "
+                f"{mib(host['memory_free_mib'])} of {mib(host['memory_mib'])} free for slices",
+            )
+        )
+        rows.append(("host limits", host["limits"]))
     return _draw(list(rows), None)
 
 
@@ -292,6 +303,8 @@ def slices_text(slices: list[dict[str, Any]], width: int | None = None) -> str:
 def slice_text(s: dict[str, Any]) -> str:
     lines = [
         f"slice {s['id']} on {s['device']}: {mib(s['memory_mib'])}, {s['compute_pct']}% compute"
+        + (f", {s['cpu_milli'] / 1000:g} CPUs" if s.get("cpu_milli") else "")
+        + (f", {mib(s['host_memory_mib'])} host memory" if s.get("host_memory_mib") else "")
         + (f", expires {ago(s['expires_at'])}" if s["expires_at"] else "")
     ]
     for key, value in sorted((s.get("env") or {}).items()):
@@ -299,23 +312,18 @@ def slice_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _matches(value: str, wanted: str | None) -> bool:
-    """``wanted`` is ``A|B``: any alternative contained in ``value``, ignoring case."""
-    if not wanted:
-        return True
-    return any(w.strip().lower() in value.lower() for w in wanted.split("|") if w.strip())
-
-
 def filter_peers(
     peers: list[dict[str, Any]], model: str | None, state: str | None
 ) -> list[dict[str, Any]]:
-    """Peers in one of the ``state`` alternatives with a card of one of the ``model``s."""
+    """Peers in one of the ``state`` alternatives with a card of one of the ``model``s
+    (matched as everywhere else: :func:`agent.placement.model_matches`)."""
+    wanted = parse_models(model)
     states = {s.strip().lower() for s in (state or "").split("|") if s.strip()}
     return [
         p
         for p in peers
         if (not states or p["state"].lower() in states)
-        and (not model or any(_matches(d["model"], model) for d in p["devices"]))
+        and (not wanted or any(model_matches(d["model"], wanted) for d in p["devices"]))
     ]
 
 

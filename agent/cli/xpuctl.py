@@ -62,8 +62,11 @@ LABEL = _typed(_label)
 MEMORY_HELP = "memory: 512MiB|8GiB|8G|<MiB>"
 COMPUTE_HELP = "compute share of the card: 30|30%% (rounded up to the node's step)"
 TTL_HELP = "release after: 90s|10m|1h|2d|<seconds>"
-MODEL_HELP = "only devices whose model contains this: H100"
-MODELS_HELP = "only peers with a card whose model contains one of these: A100|H100"
+MODEL_HELP = (
+    "only cards of these models: H100 or A100|H100 (a name matches a model that contains it"
+    " where no digit follows: A10 is not A100)"
+)
+MODELS_HELP = "only peers with a card of one of these models: A100|H100"
 
 
 def _common_options() -> _Parser:
@@ -102,10 +105,45 @@ def _wide_option() -> _Parser:
 def _request_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--memory", type=SIZE, required=True, help=f"{what} {MEMORY_HELP}")
     parser.add_argument("--compute", type=COMPUTE, required=True, help=COMPUTE_HELP)
+    _host_args(parser)
+
+
+def _cpus(text: str) -> int:
+    """``4``, ``0.5`` or ``500m`` CPUs as milli-CPUs."""
+    try:
+        value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CPUs: 4|0.5|500m") from None
+    if not 0 <= value <= 64_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: CPUs must be 0..64000")
+    return round(value * 1000)
+
+
+def _host_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus", type=_cpus, default=0, metavar="4|0.5|500m", help="host CPUs the job needs"
+    )
+    parser.add_argument(
+        "--host-memory",
+        type=SIZE,
+        default=0,
+        metavar="32GiB|<MiB>",
+        help="host memory the job needs",
+    )
+
+
+def _host_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if getattr(args, "cpus", 0):
+        body["cpu_milli"] = args.cpus
+    if getattr(args, "host_memory", 0):
+        body["host_memory_mib"] = args.host_memory
+    return body
 
 
 def _slice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", metavar="ID", help="pin to this device id (see devices)")
+    parser.add_argument("--model", metavar="A|B", help=MODEL_HELP)
     parser.add_argument("--ttl", type=DURATION, help=TTL_HELP)
     parser.add_argument(
         "--label",
@@ -236,6 +274,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice", metavar="ID", help="reuse this slice instead of allocating one")
     p.add_argument("--memory", type=SIZE, help=f"slice {MEMORY_HELP} (without --slice)")
     p.add_argument("--compute", type=COMPUTE, help=f"{COMPUTE_HELP} (without --slice)")
+    _host_args(p)
     _slice_args(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
@@ -256,7 +295,7 @@ def _pool_arguments(p: argparse.ArgumentParser) -> None:
 
 def _place_arguments(p: argparse.ArgumentParser) -> None:
     _request_args(p, "requested")
-    p.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--model", metavar="A|B", help=MODEL_HELP)
     p.add_argument("--limit", type=int, default=10, help="at most this many (default 10)")
 
 
@@ -264,7 +303,7 @@ def _borrow_arguments(p: argparse.ArgumentParser) -> None:
     _request_args(p, "requested")
     p.add_argument("--node", metavar="NAME", help="borrow from this peer only")
     p.add_argument("--ttl", type=DURATION, help=TTL_HELP)
-    p.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--model", metavar="A|B", help=MODEL_HELP)
 
 
 def _return_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,7 +363,9 @@ def _alloc_body(args: argparse.Namespace) -> dict[str, Any]:
         body["device"] = args.device
     if args.ttl:
         body["ttl_s"] = args.ttl
-    return body
+    if args.model:
+        body["model"] = args.model
+    return body | _host_body(args)
 
 
 def cmd_alloc(client: AgentClient, args: argparse.Namespace) -> int:
@@ -456,6 +497,7 @@ def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
     }
     if args.model:
         body["model"] = args.model
+    body |= _host_body(args)
     return _print(
         args,
         client.request("POST", "/v1/pool/place", body),
@@ -468,6 +510,7 @@ def cmd_borrow(client: AgentClient, args: argparse.Namespace) -> int:
     for key, value in (("node", args.node), ("ttl_s", args.ttl), ("model", args.model)):
         if value:
             body[key] = value
+    body |= _host_body(args)
     lease = client.request("POST", "/v1/pool/borrow", body)
 
     def text(lease: dict[str, Any]) -> str:

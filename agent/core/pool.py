@@ -6,9 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent import placement
 from agent.core.caller import Caller
 from agent.errors import NotFound, Unavailable
-from agent.ledger import placement
+from agent.model import SliceRequest
+
+#: The model filter, parsed once for every interface (``"A100|H100"`` -> a set).
+parse_models = placement.parse_models
+model_matches = placement.model_matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +60,22 @@ class Peer:
     lendable_memory_mib: int
     lendable_compute_pct: int
     lends: bool = True
+    #: Spare host CPU and memory for slices, where the peer publishes them.
+    cpu_free_milli: int | None = None
+    host_memory_free_mib: int | None = None
+
+    def has_model(self, models: frozenset[str]) -> bool:
+        return any(model_matches(d.model, models) for d in self.devices)
 
 
 @dataclass(frozen=True, slots=True)
 class PlacedCandidate:
-    candidate: placement.Candidate
+    node: str
+    device: str
     model: str
+    score: float
+    memory_free_after_mib: int
+    compute_free_after_pct: int
     local: bool
 
 
@@ -88,11 +103,12 @@ class Pool(Protocol):
     async def borrow(
         self,
         caller: Caller,
-        demand: placement.Demand,
+        request: SliceRequest,
         node: str | None,
-        ttl_s: float | None,
-        model: str | None,
-    ) -> Lease: ...
+    ) -> Lease:
+        """Borrow ``request`` (normalised; its ``ttl_s`` is the lease's) from ``node`` or the
+        best peer."""
+        ...
 
     def leases(self) -> Sequence[Lease]: ...
 
@@ -114,10 +130,8 @@ class StandalonePool:
     async def borrow(
         self,
         caller: Caller,
-        demand: placement.Demand,
+        request: SliceRequest,
         node: str | None,
-        ttl_s: float | None,
-        model: str | None,
     ) -> Lease:
         raise Unavailable("no MQTT bus is configured (mqtt.url is empty): nothing to borrow from")
 
@@ -128,22 +142,48 @@ class StandalonePool:
         raise NotFound(f"no borrowed lease {slice_id!r}")
 
 
-def place_across(
-    local: Sequence[placement.CardState],
-    peers: Sequence[Peer],
-    demand: placement.Demand,
-    policy: placement.Policy,
-    model: str | None = None,
-    limit: int = 10,
-) -> list[PlacedCandidate]:
-    """Rank (node, card) pairs over this node and every placeable peer, with the same
-    pure placement function the node uses for itself."""
-    cards = list(local)
-    local_node = {c.node for c in local}
-    for peer in peers:
-        if not peer.placeable:
-            continue
-        cards.extend(
+class PeerStates:
+    """Peers as placement sees them, rebuilt only for peers whose record changed (a peer's
+    :class:`Peer` is replaced, never mutated, when news of it arrives), so ranking a pool of
+    thousands costs one look per peer, not a conversion. Keeps the healthy cards per model
+    and free capacity of the peers it last saw (:attr:`supply`) up to date as it goes."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[Peer, placement.NodeState]] = {}
+        self.supply = placement.Supply()
+
+    def states(self, peers: Sequence[Peer]) -> list[placement.NodeState]:
+        out = []
+        seen = set()
+        for peer in peers:
+            seen.add(peer.node)
+            cached = self._states.get(peer.node)
+            if cached is None or _changed(cached[0], peer):
+                if cached is not None:
+                    self.supply = self.supply - placement.supply_of([cached[1]])
+                cached = (peer, _peer_state(peer))
+                self.supply = self.supply + placement.supply_of([cached[1]])
+                self._states[peer.node] = cached
+            out.append(cached[1])
+        if len(self._states) > len(seen):
+            for node in [n for n in self._states if n not in seen]:
+                self.supply = self.supply - placement.supply_of([self._states.pop(node)[1]])
+        return out
+
+
+def _changed(old: Peer, new: Peer) -> bool:
+    """Peers are rebuilt on every read; their cards only when news arrives."""
+    return (
+        old.devices is not new.devices
+        or old.cpu_free_milli != new.cpu_free_milli
+        or old.host_memory_free_mib != new.host_memory_free_mib
+    )
+
+
+def _peer_state(peer: Peer) -> placement.NodeState:
+    return placement.NodeState(
+        peer.node,
+        tuple(
             placement.CardState(
                 id=d.id,
                 memory_total_mib=d.memory_total_mib,
@@ -156,10 +196,36 @@ def place_across(
                 healthy=d.health == "ok",
             )
             for d in peer.devices
+        ),
+        cpu_free_milli=peer.cpu_free_milli,
+        memory_free_mib=peer.host_memory_free_mib,
+    )
+
+
+def place_across(
+    placer: placement.Placer,
+    request: placement.Request,
+    local: placement.NodeState | None,
+    peers: Sequence[placement.NodeState],
+    limit: int = 10,
+) -> list[PlacedCandidate]:
+    """Rank (node, card) pairs over this node and every placeable peer with the placer the
+    node uses for itself (a card of a peer scores exactly as it would on that peer)."""
+    nodes = [local, *peers] if local is not None else list(peers)
+    by_id = {n.id: n for n in nodes}
+    out = []
+    for c in placer.rank_nodes(nodes, request, limit=limit, every_card=True):
+        node = by_id[c.node]
+        card = next(x for x in node.cards if x.id == c.devices[0])
+        out.append(
+            PlacedCandidate(
+                node=c.node,
+                device=c.devices[0],
+                model=card.model,
+                score=c.score,
+                memory_free_after_mib=c.memory_free_after_mib,
+                compute_free_after_pct=c.compute_free_after_pct,
+                local=local is not None and c.node == local.id,
+            )
         )
-    if model:
-        wanted = model.lower()
-        cards = [c for c in cards if wanted in c.model.lower()]
-    models = {(c.node, c.id): c.model for c in cards}
-    ranked = placement.rank(cards, demand, policy)[:limit]
-    return [PlacedCandidate(c, models[(c.node, c.device)], c.node in local_node) for c in ranked]
+    return out

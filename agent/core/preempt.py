@@ -2,24 +2,24 @@
 
 Pure: cards and slices in, slice ids out. Lent slices (``borrower`` set) are preemptible;
 on each card they are taken lowest priority first (newest first among equals) until the
-request fits; the card needing the fewest reclaims wins, ties broken by the placement
-score of what is left.
+request fits; the card needing the fewest reclaims wins, ties broken by the placer's score
+of placing the request on what is left.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from agent.ledger import placement
+from agent import placement
 from agent.model import Slice, SliceState
 
 
 def plan(
-    cards: Sequence[placement.CardState],
+    node: placement.NodeState,
     live: Iterable[Slice],
-    demand: placement.Demand,
-    policy: placement.Policy,
+    request: placement.Request,
+    placer: placement.Placer,
     device: str | None = None,
 ) -> list[str]:
     """Ids of the lent slices to reclaim, in order; empty when reclaiming cannot help."""
@@ -28,8 +28,13 @@ def plan(
         if s.borrower is not None and s.state is SliceState.ACTIVE:
             lent.setdefault(s.device, []).append(s)
     best: tuple[int, float, list[str]] | None = None
-    for card in cards:
-        if not card.healthy or device not in (None, card.id) or card.id not in lent:
+    for card in node.cards:
+        if (
+            not card.healthy
+            or device not in (None, card.id)
+            or card.id not in lent
+            or not placement.model_matches(card.model, request.models)
+        ):
             continue
         victims = sorted(lent[card.id], key=lambda s: (s.priority, -s.created_at, s.id))
         freed = card
@@ -42,8 +47,9 @@ def plan(
                 slices=freed.slices - 1,
             )
             taken.append(victim.id)
-            if placement.fits(freed, demand):
-                score = placement.score(freed, demand, policy)
+            if placement.fits(freed, request.per_card):
+                placed = placer.place(placement.NodeState(node.id, (freed,)), request)
+                score = placed.score if placed is not None else 0.0
                 if best is None or (len(taken), score) < (best[0], best[1]):
                     best = (len(taken), score, list(taken))
                 break

@@ -19,11 +19,16 @@ from typing import TypeVar
 
 import structlog
 
+from agent import placement
 from agent.config import Config
-from agent.core import preempt, procs
+from agent.core import matching, preempt, procs
 from agent.core.caller import Caller, require_owner, require_process_owner
+from agent.core.capacity import CardUse, Totals, card_uses, totals
 from agent.core.events import EventHub
+from agent.core.host import HostLimits, host_capacity, host_limits
 from agent.core.inventory import Inventory, InventoryChange
+from agent.core.matching import Matched
+from agent.core.pool import Peer, PeerStates, PlacedCandidate, place_across
 from agent.core.slice_env import slice_environment
 from agent.core.stopped import StoppedRecord
 from agent.errors import (
@@ -35,7 +40,6 @@ from agent.errors import (
     StorageFull,
     XpuError,
 )
-from agent.ledger import placement
 from agent.ledger.store import LIVE_STATES, DeviceCapacity, Ledger
 from agent.ledger.worker import LedgerWorker
 from agent.model import (
@@ -64,13 +68,6 @@ class SliceUsage:
     last_active_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
-    memory_mib: int
-    compute_pct: int
-    slices: int
-
-
 class NodeService:
     def __init__(
         self,
@@ -92,6 +89,18 @@ class NodeService:
         self.usage: dict[str, SliceUsage] = {}
         self.unsliced: dict[str, tuple[int, ...]] = {}
         self._on_change: list[Callable[[], None]] = []
+        #: Bumped on every change of the live slices (keys the matching cache).
+        self._generation = 0
+        self._matched: (
+            tuple[tuple[DeviceSample, ...], int, dict[str, tuple[Matched, ...]]] | None
+        ) = None
+        #: The one scorer behind every placement decision of this node (see agent.placement).
+        self.placer = placement.Placer(config.slicing.placement)
+        #: Host CPU and memory slices may hold (the node's less the system reserve).
+        self.host = host_capacity(config)
+        #: Whether the host limits are enforced (a delegated cgroup tree) or only accounted.
+        self.host_limits: HostLimits = host_limits(config.enforcement.cgroup_root)
+        self._peer_states = PeerStates()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -125,6 +134,7 @@ class NodeService:
         self._publish(events)
 
     def _publish(self, events: Iterable[Event | None]) -> None:
+        self._generation += 1
         real = [e for e in events if e is not None]
         if real:
             self.hub.publish(real)
@@ -167,9 +177,6 @@ class NodeService:
             raise NotFound(f"no device {device_id!r}")
         return device
 
-    def slices_on(self, device_id: str) -> list[Slice]:
-        return [s for s in self._live.values() if s.device == device_id]
-
     def bound_pids(self) -> dict[str, frozenset[int]]:
         bound: dict[str, set[int]] = {}
         for s in self._live.values():
@@ -196,26 +203,71 @@ class NodeService:
     async def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         return await self._run(lambda: self._ledger.events(after, limit))
 
+    def card_uses(self) -> dict[str, CardUse]:
+        """Every card with its live slices: the one count of allocated and free capacity
+        (placement, the capacity message, the API and the metrics all read it)."""
+        return card_uses(
+            self.inventory.devices.values(),
+            self._live.values(),
+            self.config.slicing.max_slices_per_device,
+        )
+
     def card_states(self) -> list[placement.CardState]:
         """Free capacity per device as placement sees it."""
-        states = []
-        max_slices = self.config.slicing.max_slices_per_device
-        for device in self.inventory.devices.values():
-            on = self.slices_on(device.id)
-            states.append(
-                placement.CardState(
-                    id=device.id,
-                    memory_total_mib=device.memory_total_mib,
-                    memory_free_mib=device.memory_total_mib - sum(s.memory_mib for s in on),
-                    compute_free_pct=100 - sum(s.compute_pct for s in on),
-                    slices=len(on),
-                    max_slices=max_slices,
-                    model=device.model,
-                    node=self.config.node_name,
-                    healthy=device.health is Health.OK and not device.hardware_partitions,
-                )
+        return [
+            placement.CardState(
+                id=use.device.id,
+                memory_total_mib=use.device.memory_total_mib,
+                memory_free_mib=use.memory_free_mib,
+                compute_free_pct=use.compute_free_pct,
+                slices=len(use.slices),
+                max_slices=use.max_slices,
+                model=use.device.model,
+                node=self.config.node_name,
+                healthy=use.usable and not use.device.hardware_partitions,
             )
-        return states
+            for use in self.card_uses().values()
+        ]
+
+    def host_free(self) -> tuple[int, int]:
+        """Host CPU (milli) and memory (MiB) not held by live slices."""
+        cpu = sum(s.cpu_milli for s in self._live.values())
+        memory = sum(s.host_memory_mib for s in self._live.values())
+        return self.host.cpu_milli - cpu, self.host.memory_mib - memory
+
+    def node_state(self, cards: Sequence[placement.CardState] | None = None) -> placement.NodeState:
+        """This node as placement sees it (``cards``: these instead of the current ones)."""
+        cpu, memory = self.host_free()
+        return placement.NodeState(
+            self.config.node_name,
+            tuple(self.card_states() if cards is None else cards),
+            cpu_free_milli=cpu,
+            memory_free_mib=memory,
+        )
+
+    def placement_request(self, request: SliceRequest) -> placement.Request:
+        """A (normalised) slice request as placement sees it."""
+        return placement.Request(
+            placement.Demand(request.memory_mib, request.compute_pct),
+            models=request.models,
+            cpu_milli=request.cpu_milli,
+            memory_mib=request.host_memory_mib,
+        )
+
+    def place(
+        self, request: SliceRequest, peers: Sequence[Peer] = (), limit: int = 10, local: bool = True
+    ) -> list[PlacedCandidate]:
+        """Where ``request`` would go, best first: cards of this node (``local``) and of the
+        placeable ``peers``, scored by the same placer as a local allocation. Asking is not
+        requesting: the placer's history is not changed."""
+        wanted = self.placement_request(self.normalise(request))
+        states = self._peer_states.states([p for p in peers if p.placeable])
+        here = self.node_state() if local else None
+        supply = self._peer_states.supply
+        if here is not None:
+            supply = supply + placement.supply_of([here])
+        self.placer.set_supply(supply)
+        return place_across(self.placer, wanted, here, states, limit)
 
     def health(self) -> tuple[str, list[str]]:
         """``ok`` or ``degraded``, with why: the one place health is decided."""
@@ -248,16 +300,7 @@ class NodeService:
 
     def totals(self) -> tuple[Totals, Totals]:
         """(capacity, allocated) over usable devices."""
-        usable = [d for d in self.inventory.devices.values() if d.health is Health.OK]
-        capacity = Totals(
-            sum(d.memory_total_mib for d in usable),
-            100 * len(usable),
-            self.config.slicing.max_slices_per_device * len(usable),
-        )
-        ids = {d.id for d in usable}
-        on = [s for s in self._live.values() if s.device in ids]
-        allocated = Totals(sum(s.memory_mib for s in on), sum(s.compute_pct for s in on), len(on))
-        return capacity, allocated
+        return totals(self.card_uses())
 
     def lendable(self) -> Totals:
         """Lendable now: unallocated capacity plus slices idle beyond ``pool.idle_after_s``
@@ -284,6 +327,8 @@ class NodeService:
             raise BadRequest("compute_pct must be 1..100")
         if request.ttl_s is not None and request.ttl_s <= 0:
             raise BadRequest("ttl_s must be positive")
+        if request.cpu_milli < 0 or request.host_memory_mib < 0:
+            raise BadRequest("cpu_milli and host_memory_mib must not be negative")
         compute = placement.round_up_compute(request.compute_pct, step)
         return dataclasses.replace(request, compute_pct=compute)
 
@@ -297,23 +342,35 @@ class NodeService:
             if device.health is not Health.OK:
                 raise DoesNotFit(f"device {device.id} is {device.health}: {device.health_reason}")
         now = self.clock()
-        policy = self.config.slicing.placement
-        states = self.card_states()
+        wanted = self.placement_request(request)
 
-        def work() -> tuple[Slice, Event | None]:
-            demand = placement.Demand(request.memory_mib, request.compute_pct)
-            pool = [c for c in states if request.device in (None, c.id)]
-            ranked = placement.rank(pool, demand, policy)
+        def choose() -> list[str]:
+            """Cards to try, best first: ranked here on the loop (the placer has one owner);
+            the ledger re-checks capacity, so a card taken meanwhile is only skipped."""
+            pool = [c for c in self.card_states() if request.device in (None, c.id)]
+            here = self.node_state(pool)
+            ranked = self.placer.rank_cards(here, wanted)
             if not ranked:
+                short = placement.short_of(here, wanted)
+                if short is not None and short.startswith("host"):
+                    raise DoesNotFit(
+                        f"does not fit on this node's {short} (after the system reserve)",
+                        short="host_cpu" if short.startswith("host CPU") else "host_memory",
+                    )
                 raise self._refusal(pool, request)
+            return [c.devices[0] for c in ranked]
+
+        def work(ranked: list[str]) -> tuple[Slice, Event | None]:
             last: DoesNotFit | None = None
-            for candidate in ranked:
-                device = self.inventory.devices[candidate.device]
+            for device_id in ranked:
+                device = self.inventory.devices[device_id]
                 capacity = DeviceCapacity(
                     device.memory_total_mib, 100, self.config.slicing.max_slices_per_device
                 )
                 try:
-                    slice_, event = self._ledger.allocate(device.id, capacity, request, now)
+                    slice_, event = self._ledger.allocate(
+                        device.id, capacity, request, now, self.host
+                    )
                 except DoesNotFit as exc:
                     last = exc
                     continue
@@ -333,25 +390,26 @@ class NodeService:
             )
             if existing is not None:
                 return existing, False
+        self.placer.observe(wanted)
         try:
-            slice_, event = await self._run(work)
+            ranked = choose()
+            slice_, event = await self._run(lambda: work(ranked))
         except DoesNotFit:
             # Local requests come first: lent slices are preemptible (DESIGN.md §6).
-            if request.borrower is not None or not await self._reclaim_lent(request, policy):
+            if request.borrower is not None or not await self._reclaim_lent(request, wanted):
                 raise
-            states = self.card_states()
-            slice_, event = await self._run(work)
+            ranked = choose()
+            slice_, event = await self._run(lambda: work(ranked))
         self._apply_delta(upsert=[slice_], events=[event])
         if event is not None:
             log.debug("slice allocated", slice=slice_.id, device=slice_.device, uid=caller.uid)
         return slice_, event is not None
 
-    async def _reclaim_lent(self, request: SliceRequest, policy: placement.Policy) -> bool:
+    async def _reclaim_lent(self, request: SliceRequest, wanted: placement.Request) -> bool:
         """End the lent slices (lowest priority first) that make ``request`` fit; False
         when reclaiming cannot help. The lender tells the borrowers (agent.bus.lending)."""
-        demand = placement.Demand(request.memory_mib, request.compute_pct)
         victims = preempt.plan(
-            self.card_states(), self._live.values(), demand, policy, request.device
+            self.node_state(), self._live.values(), wanted, self.placer, request.device
         )
         agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
         for slice_id in victims:
@@ -366,6 +424,11 @@ class NodeService:
         usable = [c for c in states if c.healthy]
         if not usable:
             return DoesNotFit("no usable device on this node", request=request.device)
+        if request.models:
+            usable = [c for c in usable if placement.model_matches(c.model, request.models)]
+            if not usable:
+                wanted = "|".join(sorted(request.models))
+                return DoesNotFit(f"no {wanted} card on this node", request=request.device)
         roomiest = max(usable, key=lambda c: (c.compute_free_pct, c.memory_free_mib))
         return DoesNotFit(
             f"{request.memory_mib} MiB / {request.compute_pct} % does not fit on any device; "
@@ -494,25 +557,39 @@ class NodeService:
         events, live = await self._run(work)
         self._apply(live, events)
 
+    def matched(self, samples: Mapping[str, DeviceSample]) -> dict[str, tuple[Matched, ...]]:
+        """Sampled processes matched to live slices (:mod:`agent.core.matching`), once per
+        sample and state of the slices: the usage figures and the enforcer share it."""
+        taken = tuple(samples.values())  # held, so that identity means "this very sample"
+        cached = self._matched
+        if (
+            cached is None
+            or cached[1] != self._generation
+            or len(cached[0]) != len(taken)
+            or any(a is not b for a, b in zip(cached[0], taken, strict=True))
+        ):
+            cached = self._matched = (
+                taken,
+                self._generation,
+                matching.match(self._live.values(), samples),
+            )
+        return cached[2]
+
     async def observe_samples(self, samples: Mapping[str, DeviceSample]) -> None:
         """Bind token-carrying processes, forget exited ones, account per-slice use."""
         now = self.clock()
-        by_pid: dict[int, Slice] = {}
-        for s in self._live.values():
-            for p in s.processes:
-                by_pid[p.pid] = s
         unsliced: dict[str, tuple[int, ...]] = {}
         per_slice: dict[str, list[float]] = {}
         unknown: list[tuple[str, int]] = []
-        for device_id, sample in samples.items():
+        for device_id, found in self.matched(samples).items():
             loose = []
-            for proc in sample.processes:
-                owner = by_pid.get(proc.pid)
-                if owner is None:
+            for m in found:
+                proc = m.process
+                if m.slice is None:
                     loose.append(proc.pid)
                     unknown.append((device_id, proc.pid))
                     continue
-                acc = per_slice.setdefault(owner.id, [0.0, 0.0])
+                acc = per_slice.setdefault(m.slice.id, [0.0, 0.0])
                 acc[0] += proc.memory_mib or 0.0
                 acc[1] += proc.utilisation_pct or 0.0
             unsliced[device_id] = tuple(loose)

@@ -160,6 +160,10 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+#: ``cpu.max`` period: the kernel's default (100 ms).
+CPU_PERIOD_US = 100_000
+
+
 class CgroupTree:
     """Slice cgroups under a cgroup v2 directory delegated to the agent
     (``enforcement.cgroup_root``): ``<root>/<slice id>``.
@@ -221,6 +225,25 @@ class CgroupTree:
             if origin is not None and not self._ours(origin):
                 self._origin.setdefault(pid, origin)
         return moved
+
+    def limit(self, slice_id: str, cpu_milli: int, memory_mib: int) -> bool:
+        """Give the slice's cgroup ``cpu.max`` (``cpu_milli`` of a CPU per period) and
+        ``memory.max`` (0: no limit); False where the controllers cannot be had."""
+        try:
+            enabled = set((self.root / "cgroup.subtree_control").read_text().split())
+            if not {"cpu", "memory"} <= enabled:
+                (self.root / "cgroup.subtree_control").write_text("+cpu +memory")
+            where = self._dir(slice_id)
+            where.mkdir(exist_ok=True)
+            if cpu_milli:
+                quota = max(1000, cpu_milli * CPU_PERIOD_US // 1000)
+                (where / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            if memory_mib:
+                (where / "memory.max").write_text(str(memory_mib * 1024 * 1024))
+        except OSError as exc:
+            log.warning("host limits not applied", slice=slice_id, error=str(exc))
+            return False
+        return True
 
     def freeze(self, slice_id: str, frozen: bool) -> bool:
         try:

@@ -69,6 +69,8 @@ class Enforcer:
         self._wake = asyncio.Event()
         self.signals_sent = 0
         self._cgroups = actions.CgroupTree.open(service.config.enforcement.cgroup_root)
+        #: Slices whose cgroup carries host limits, and the processes moved into it.
+        self._limited: dict[str, set[ProcessRef]] = {}
         service.on_change(self.reconcile)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -103,6 +105,10 @@ class Enforcer:
         """``NodeService.on_change``: a slice that ended (released, expired, lost) or a
         process that was unbound is resumed at once, before the API call returns."""
         live = self.service.live
+        for slice_id in [s for s in self._limited if s not in live]:
+            del self._limited[slice_id]
+            if self._cgroups is not None and slice_id not in self._held:
+                self._cgroups.dissolve(slice_id)
         for slice_id, held in list(self._held.items()):
             slice_ = live.get(slice_id)
             if slice_ is None or slice_.state is not SliceState.ACTIVE:
@@ -120,13 +126,14 @@ class Enforcer:
         read here each time, so a reload (SIGHUP) applies at the next sample."""
         config = self.service.config.enforcement
         now = self._clock()
-        cards = policy.gather(self.service.live.values(), samples)
+        cards = policy.gather(self.service.live.values(), self.service.matched(samples))
 
         verdicts, self._memory = policy.decide_memory(
             cards, config.memory_action, config.grace_s, self._memory, now
         )
         for verdict in verdicts:
             await self._act_memory(verdict)
+        self._limit_host()
 
         before = self._unsliced_seen
         doomed, self._unsliced_seen = policy.decide_unsliced(cards, config.unsliced, before)
@@ -253,12 +260,34 @@ class Enforcer:
         target.close()
         self._unmark.add(target.ref)
 
+    def _limit_host(self) -> None:
+        """Slices that hold host CPU or memory run in their own cgroup with ``cpu.max`` and
+        ``memory.max`` (where the agent owns a tree with those controllers:
+        :mod:`agent.core.host`); elsewhere they are accounted only."""
+        if self._cgroups is None or not self.service.host_limits.enforced:
+            return
+        for slice_ in self.service.live.values():
+            if not (slice_.cpu_milli or slice_.host_memory_mib) or not slice_.processes:
+                continue
+            if slice_.state is not SliceState.ACTIVE:
+                continue
+            adopted = self._limited.get(slice_.id)
+            if adopted is None:
+                if not self._cgroups.limit(slice_.id, slice_.cpu_milli, slice_.host_memory_mib):
+                    continue
+                adopted = self._limited[slice_.id] = set()
+            for ref in slice_.processes:
+                if ref not in adopted:
+                    self._cgroups.place(slice_.id, actions.group_members(ref.pid))
+                    adopted.add(ref)
+
     def _drop(self, slice_id: str) -> None:
         held = self._held.pop(slice_id, None)
         if held is None:
             return
         if held.frozen and self._cgroups is not None:
             self._cgroups.dissolve(slice_id)
+            self._limited.pop(slice_id, None)  # limits and members are set again next sample
         for target in held.members.values():
             self._resume(target)
         self._controllers.pop(slice_id, None)

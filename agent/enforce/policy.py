@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.model import DeviceSample, ProcessRef, Slice, SliceState
+from agent.core.matching import Matched
+from agent.model import ProcessRef, Slice, SliceState
 
 ComputePolicy = Literal["work-conserving", "hard", "off"]
 UnslicedMode = Literal["report", "kill"]
@@ -98,38 +99,29 @@ class CardSample:
         return sum(p.cpu_pct or 0.0 for p in self.unsliced)
 
 
-def gather(slices: Iterable[Slice], samples: Mapping[str, DeviceSample]) -> list[CardSample]:
-    """Map every sampled process to its slice (by bound pid and start time) or to unsliced.
-
-    Only active slices on a sampled card are enforced; a bound pid whose start time differs
-    from the binding is another process that reuses the pid, hence unsliced.
-    """
-    active = [s for s in slices if s.state is SliceState.ACTIVE]
-    owner: dict[int, tuple[str, float]] = {}
-    for s in active:
-        for ref in s.processes:
-            owner[ref.pid] = (s.id, ref.start_time)
-    per_slice: dict[str, list[ProcSample]] = {s.id: [] for s in active}
-    unsliced: dict[str, list[ProcSample]] = {d: [] for d in samples}
-    for device_id, sample in samples.items():
-        for proc in sample.processes:
-            bound = owner.get(proc.pid)
-            same = bound is not None and (
-                proc.start_time is None or abs(proc.start_time - bound[1]) < 0.01
-            )
-            if bound is not None and same:
-                per_slice[bound[0]].append(
-                    ProcSample(proc.pid, bound[1], proc.memory_mib, proc.utilisation_pct)
+def gather(slices: Iterable[Slice], matched: Mapping[str, Sequence[Matched]]) -> list[CardSample]:
+    """Sampled processes by slice or unsliced, from the core's matching (by bound pid and
+    start time: :mod:`agent.core.matching`). Only active slices on a sampled card are
+    enforced; a process of a slice that is not active counts as unsliced."""
+    active = {s.id: s for s in slices if s.state is SliceState.ACTIVE}
+    per_slice: dict[str, list[ProcSample]] = {s: [] for s in active}
+    unsliced: dict[str, list[ProcSample]] = {d: [] for d in matched}
+    for device_id, found in matched.items():
+        for m in found:
+            proc = m.process
+            if m.slice is not None and m.ref is not None and m.slice.id in active:
+                per_slice[m.slice.id].append(
+                    ProcSample(proc.pid, m.ref.start_time, proc.memory_mib, proc.utilisation_pct)
                 )
             else:
                 unsliced[device_id].append(
                     ProcSample(proc.pid, proc.start_time, proc.memory_mib, proc.utilisation_pct)
                 )
     cards = []
-    for device_id in samples:
+    for device_id in matched:
         on = tuple(
             SliceSample(s.id, s.memory_mib, s.compute_pct, tuple(per_slice[s.id]))
-            for s in sorted(active, key=lambda s: s.id)
+            for s in sorted(active.values(), key=lambda s: s.id)
             if s.device == device_id
         )
         cards.append(CardSample(device_id, on, tuple(unsliced[device_id])))

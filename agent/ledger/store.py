@@ -75,6 +75,14 @@ SCHEMA_VERSION = max(v for v, _ in _migrations())
 
 
 @dataclass(frozen=True, slots=True)
+class HostCapacity:
+    """Host CPU (milli) and memory (MiB) slices may hold: the node's less its reserve."""
+
+    cpu_milli: int
+    memory_mib: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceCapacity:
     """What the ledger must never exceed on one card."""
 
@@ -268,6 +276,8 @@ class Ledger:
             request_id=row["request_id"],
             ended_at=row["ended_at"],
             processes=processes,
+            cpu_milli=row["cpu_milli"],
+            host_memory_mib=row["host_memory_mib"],
         )
 
     def _slices(self, where: str, params: Iterable[object]) -> list[Slice]:
@@ -348,9 +358,15 @@ class Ledger:
             return self._event(db, kind, slice_id, data)
 
     def allocate(
-        self, device: str, capacity: DeviceCapacity, request: SliceRequest, now: float
+        self,
+        device: str,
+        capacity: DeviceCapacity,
+        request: SliceRequest,
+        now: float,
+        host: HostCapacity | None = None,
     ) -> tuple[Slice, Event | None]:
-        """Insert a slice on ``device`` if it still fits there; idempotent on request_id.
+        """Insert a slice on ``device`` if it still fits there (and its host CPU and memory
+        within ``host``); idempotent on request_id.
 
         Returns the slice and the event written, or ``(existing, None)`` for a repeated
         request_id.
@@ -391,12 +407,15 @@ class Ledger:
                     memory_free_mib=memory_free,
                     compute_free_pct=compute_free,
                 )
+            if host is not None and (request.cpu_milli or request.host_memory_mib):
+                self._check_host(db, host, request)
             slice_id = new_slice_id()
             expires_at = now + request.ttl_s if request.ttl_s else None
             db.execute(
                 "INSERT INTO slices (id, device, memory_mib, compute_pct, owner_uid, state,"
-                " created_at, token, labels, priority, expires_at, borrower, request_id)"
-                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, token, labels, priority, expires_at, borrower, request_id,"
+                " cpu_milli, host_memory_mib)"
+                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     slice_id,
                     device,
@@ -410,21 +429,49 @@ class Ledger:
                     expires_at,
                     request.borrower,
                     request.request_id,
+                    request.cpu_milli,
+                    request.host_memory_mib,
                 ),
             )
-            event = self._event(
-                db,
-                "slice.allocated",
-                slice_id,
-                {
-                    "device": device,
-                    "memory_mib": request.memory_mib,
-                    "compute_pct": request.compute_pct,
-                    "owner_uid": request.owner_uid,
-                    "borrower": request.borrower,
-                },
-            )
+            data: dict[str, object] = {
+                "device": device,
+                "memory_mib": request.memory_mib,
+                "compute_pct": request.compute_pct,
+                "owner_uid": request.owner_uid,
+                "borrower": request.borrower,
+            }
+            if request.cpu_milli or request.host_memory_mib:
+                data |= {"cpu_milli": request.cpu_milli, "host_memory_mib": request.host_memory_mib}
+            event = self._event(db, "slice.allocated", slice_id, data)
         return self.get(slice_id), event
+
+    def host_used(self) -> tuple[int, int]:
+        """Host CPU (milli) and memory (MiB) the live slices hold."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(cpu_milli), 0), COALESCE(SUM(host_memory_mib), 0) "  # noqa: S608
+            f"FROM slices WHERE {LIVE_SQL}"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    @staticmethod
+    def _check_host(db: sqlite3.Connection, host: HostCapacity, request: SliceRequest) -> None:
+        row = db.execute(
+            "SELECT COALESCE(SUM(cpu_milli), 0), COALESCE(SUM(host_memory_mib), 0) "  # noqa: S608
+            f"FROM slices WHERE {LIVE_SQL}"
+        ).fetchone()
+        cpu_free, memory_free = host.cpu_milli - row[0], host.memory_mib - row[1]
+        short = None
+        if request.cpu_milli > cpu_free:
+            short = f"host CPU: {request.cpu_milli} milli-CPU asked, {cpu_free} free"
+        elif request.host_memory_mib > memory_free:
+            short = f"host memory: {request.host_memory_mib} MiB asked, {memory_free} MiB free"
+        if short is not None:
+            raise DoesNotFit(
+                f"does not fit on this node's {short} (after the system reserve)",
+                short="host_cpu" if short.startswith("host CPU") else "host_memory",
+                cpu_free_milli=cpu_free,
+                host_memory_free_mib=memory_free,
+            )
 
     def end(self, slice_id: str, state: SliceState, reason: str, now: float) -> tuple[Slice, Event]:
         """Release, expire or lose-forever a slice; its bindings go with it."""

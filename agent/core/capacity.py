@@ -1,0 +1,75 @@
+"""Capacity counted once: what each card has allocated and free, and the node's totals.
+
+The service (placement), the bus (the capacity message), the API (devices and status) and
+the metrics all read these figures from here, so that they can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.model import Device, Health, Slice
+
+
+@dataclass(frozen=True, slots=True)
+class CardUse:
+    """One card and the live slices on it."""
+
+    device: Device
+    slices: tuple[Slice, ...]
+    max_slices: int
+
+    @property
+    def memory_allocated_mib(self) -> int:
+        return sum(s.memory_mib for s in self.slices)
+
+    @property
+    def compute_allocated_pct(self) -> int:
+        return sum(s.compute_pct for s in self.slices)
+
+    @property
+    def memory_free_mib(self) -> int:
+        return self.device.memory_total_mib - self.memory_allocated_mib
+
+    @property
+    def compute_free_pct(self) -> int:
+        return 100 - self.compute_allocated_pct
+
+    @property
+    def usable(self) -> bool:
+        """Counted in the node's capacity (healthy)."""
+        return self.device.health is Health.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    memory_mib: int
+    compute_pct: int
+    slices: int
+
+
+def card_uses(
+    devices: Iterable[Device], live: Iterable[Slice], max_slices: int
+) -> dict[str, CardUse]:
+    """Every card with its live slices (in creation order), by device id."""
+    on: dict[str, list[Slice]] = {}
+    for s in sorted(live, key=lambda s: (s.created_at, s.id)):
+        on.setdefault(s.device, []).append(s)
+    return {d.id: CardUse(d, tuple(on.get(d.id, ())), max_slices) for d in devices}
+
+
+def totals(uses: Mapping[str, CardUse]) -> tuple[Totals, Totals]:
+    """(capacity, allocated) over the usable cards."""
+    usable = [u for u in uses.values() if u.usable]
+    capacity = Totals(
+        sum(u.device.memory_total_mib for u in usable),
+        100 * len(usable),
+        sum(u.max_slices for u in usable),
+    )
+    allocated = Totals(
+        sum(u.memory_allocated_mib for u in usable),
+        sum(u.compute_allocated_pct for u in usable),
+        sum(len(u.slices) for u in usable),
+    )
+    return capacity, allocated
