@@ -29,6 +29,7 @@ then to the lowest id, so free capacity stays together.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -262,6 +263,9 @@ class Weights:
     host_fit: float = 1.0
     host_fit_from: float = 0.8
     host_fit_full: float = 1.1
+    #: the stranding weight at full CPU pressure (it ramps with the host-fit weight: the
+    #: host-fit term then counts most of what stranding would)
+    stranding_full: float = 0.5
     #: node (then card) left fullest: separates only placements of (nearly) equal growth
     best_fit: float = 1e-3
     card_fit: float = 1e-6
@@ -613,8 +617,10 @@ class Placer:
         self._size = 0
         self._scarcity: dict[str, float] = {}
         self._supply = Supply()
-        #: The host-fit weight in force (see :attr:`Weights.host_fit`).
+        #: The host-fit weight in force (see :attr:`Weights.host_fit`), and the weights
+        #: with the stranding weight that goes with it.
         self.host_fit = 0.0
+        self._weights = weights
         #: Bumped whenever the mix (and so every score) changes.
         self.version = 0
 
@@ -679,6 +685,10 @@ class Placer:
         if scarcity != self._scarcity or host_fit != self.host_fit:
             self._scarcity = scarcity
             self.host_fit = host_fit
+            share = host_fit / w.host_fit if w.host_fit else 0.0
+            self._weights = dataclasses.replace(
+                w, stranding=w.stranding + (w.stranding_full - w.stranding) * share
+            )
             self._forget()
 
     # -- scoring ------------------------------------------------------------------------------
@@ -688,7 +698,7 @@ class Placer:
         value = self._memo.get(key)
         if value is None:
             value = fragmentation(
-                shape, mix, self._memo, self.weights, self._scarcity, mix_key, self.host_fit
+                shape, mix, self._memo, self._weights, self._scarcity, mix_key, self.host_fit
             )
             self._memo[key] = value
         return value

@@ -315,6 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=placement.DEFAULT_WEIGHTS.lookahead,
         help="agent only, for ablations (placement.Weights.lookahead)",
     )
+    parser.add_argument(
+        "--scarcity-weight",
+        type=float,
+        default=placement.DEFAULT_WEIGHTS.scarcity,
+        help="agent only, for ablations (placement.Weights.scarcity)",
+    )
+    parser.add_argument(
+        "--host-fit-weight",
+        type=float,
+        default=placement.DEFAULT_WEIGHTS.host_fit,
+        help="agent only, for ablations (placement.Weights.host_fit)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not 1 <= args.round_step <= 100 or 100 % args.round_step:
@@ -323,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         placement.DEFAULT_WEIGHTS,
         stranding=args.stranding_weight,
         lookahead=args.lookahead_weight,
+        scarcity=args.scarcity_weight,
+        host_fit=args.host_fit_weight,
     )
     result = benchmark(
         args.nodes, args.pods, args.policy, args.seeds, args.round_step, args.jobs, weights

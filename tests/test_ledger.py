@@ -187,3 +187,31 @@ async def test_group_commit_isolates_a_failing_call(tmp_path: Path) -> None:
     assert sorted(s.memory_mib for s in reopened.live()) == [100, 200]
     assert [e.kind for e in reopened.events()] == ["slice.allocated", "slice.allocated"]
     reopened.close()
+
+
+def test_a_version_1_ledger_gains_host_resources_and_keeps_its_slices(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    db = sqlite3.connect(path)
+    for statement in store.split_statements(dict(store._migrations())[1]):
+        db.execute(statement)
+    db.execute(
+        "INSERT INTO slices (id, device, memory_mib, compute_pct, owner_uid, state, created_at,"
+        " token) VALUES ('s-old', 'mock-0', 100, 10, 1000, 'active', 1.0, 't')"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    try:
+        assert ledger.schema_version == store.SCHEMA_VERSION >= 2
+        (old,) = ledger.live()
+        assert (old.id, old.cpu_milli, old.host_memory_mib) == ("s-old", 0, 0)
+        host = store.HostCapacity(cpu_milli=4000, memory_mib=8192)
+        ledger.allocate("mock-0", CAP, req(cpu_milli=3000, host_memory_mib=4096), 2.0, host)
+        assert ledger.host_used() == (3000, 4096)
+        with pytest.raises(DoesNotFit, match="host CPU: 2000 milli-CPU asked, 1000 free"):
+            ledger.allocate("mock-0", CAP, req(cpu_milli=2000), 3.0, host)
+        with pytest.raises(DoesNotFit, match="host memory: 5000 MiB asked, 4096 MiB free"):
+            ledger.allocate("mock-0", CAP, req(host_memory_mib=5000), 3.0, host)
+    finally:
+        ledger.close()
