@@ -1,1 +1,1 @@
-"""The slice ledger: durable leases (SQLite) and the pure placement that chooses cards."""
+"""The slice ledger: durable leases (SQLite) with host resources; placement lives in agent.placement."""
