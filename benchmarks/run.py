@@ -28,7 +28,21 @@ def _placement(data: Path, full: bool) -> list[tuple[str, list[str]]]:
     )
     policies = ["agent", "fgd", "best-fit"] if full else ["agent"]
     seeds = "42-51" if full else "42-44"
-    runs = []
+    runs = [
+        (
+            "place-latency",
+            [
+                "benchmarks.place_latency",
+                "--nodes",
+                str(nodes),
+                "--pods",
+                str(data / "openb_pod_list_default.csv"),
+                "--requests",
+                "2000" if full else "300",
+                "--json",
+            ],
+        )
+    ]
     for pod_file in pods:
         for policy in policies:
             name = f"placement-{pod_file.stem.removeprefix('openb_pod_list_')}-{policy}"

@@ -394,9 +394,14 @@ class NodeService:
         try:
             ranked = choose()
             slice_, event = await self._run(lambda: work(ranked))
-        except DoesNotFit:
-            # Local requests come first: lent slices are preemptible (DESIGN.md §6).
-            if request.borrower is not None or not await self._reclaim_lent(request, wanted):
+        except DoesNotFit as exc:
+            # Local requests come first: lent slices are preemptible (DESIGN.md §6). Only
+            # for room on a card: reclaiming (which frees cards) cannot cure a short host.
+            if (
+                request.borrower is not None
+                or "short" in exc.extra
+                or not await self._reclaim_lent(request, wanted)
+            ):
                 raise
             ranked = choose()
             slice_, event = await self._run(lambda: work(ranked))

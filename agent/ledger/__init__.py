@@ -1,1 +1,1 @@
-"""The slice ledger: durable leases (SQLite) with host resources; placement lives in agent.placement."""
+"""The slice ledger: durable leases (SQLite), host resources included."""
