@@ -379,15 +379,26 @@ def test_preemption_takes_as_many_as_needed() -> None:
 def test_fair_inbox_bounds_each_requester_and_serves_them_in_turn() -> None:
     from agent.bus.lending import FairInbox
 
+    now = [0.0]
+
     async def scenario() -> list[object]:
-        inbox = FairInbox(per_requester=3, total=5)
-        jobs = [object() for _ in range(10)]
-        accepted = [inbox.put("flood", j) for j in jobs[:5]]  # type: ignore[arg-type]
+        inbox = FairInbox(per_requester=3, total=5, rate_per_s=2.0, clock=lambda: now[0])
+        flood = [("flood", i) for i in range(5)]
+        accepted = [inbox.put("flood", j) for j in flood]  # type: ignore[arg-type]
         assert accepted == [True, True, True, False, False]  # its own queue is full
-        assert inbox.put("peer", jobs[5])  # type: ignore[arg-type]
-        assert inbox.put("peer", jobs[6])  # type: ignore[arg-type]
-        assert not inbox.put("third", jobs[7])  # type: ignore[arg-type]  # the total bound
-        return [await inbox.get() for _ in range(5)]
+        assert inbox.put("peer", ("peer", 0))  # type: ignore[arg-type]
+        assert inbox.put("peer", ("peer", 1))  # type: ignore[arg-type]
+        assert not inbox.put("third", ("third", 0))  # type: ignore[arg-type]  # the total
+        served = [await inbox.get() for _ in range(5)]
+        # Served in turn: the peer's first request does not wait behind the whole flood.
+        assert served.index(("peer", 0)) <= 1
+        # The flood's queue is empty again, but its bucket is not: 3 taken, none refilled.
+        assert not inbox.put("flood", ("flood", 9))  # type: ignore[arg-type]
+        now[0] += 1.0  # two tokens back (2 per second)
+        assert inbox.put("flood", ("flood", 10))  # type: ignore[arg-type]
+        assert inbox.put("flood", ("flood", 11))  # type: ignore[arg-type]
+        assert not inbox.put("flood", ("flood", 12))  # type: ignore[arg-type]
+        return served
 
     served = asyncio.run(scenario())
-    assert len(served) == 5 and len(set(map(id, served))) == 5
+    assert len(served) == 5 and len(set(served)) == 5

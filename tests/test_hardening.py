@@ -457,7 +457,6 @@ def test_borrowing_is_bounded_and_fair(
     # requester has its own short queue, served in turn.
     client = sim_peers.connect(broker)
     flooder = Topics(root, "z", "flooder")
-    flood_replies = Subscriber(broker, flooder.reply_to("flooder"))
     try:
         sim_peers.publish(client, topics, ["flooder"], lambda _i: ["MockA100-80G"])
         wait_for(lambda: any(p["node"] == "flooder" for p in lender.api("GET", "/v1/pool")[1]), 5)
@@ -485,18 +484,7 @@ def test_borrowing_is_bounded_and_fair(
         took = time.monotonic() - started
         for info in infos:
             info.wait_for_publish(30)
-
-        # The flood is refused (it fits nowhere) or, where the requester's own queue is
-        # full, dropped and counted (the bound itself: test_fair_inbox_bounds_each_requester).
-        # Mosquitto also sheds part of such a burst before the agent sees it, so the sum is
-        # at most, not exactly, 2,000.
-        wait_for(lambda: len(flood_replies.messages) > 100, 30)
-
-        def overloaded() -> int:
-            return int(lender.api("GET", "/v1/node")[1]["mqtt"]["dropped"].get("overloaded", 0))
-
     finally:
-        flood_replies.close()
         client.loop_stop()
         client.disconnect()
     assert lease.returncode == 0, lease.stderr
@@ -504,8 +492,8 @@ def test_borrowing_is_bounded_and_fair(
     granted = json.loads(lease.stdout)
     # The lease is capped by the lender's pool.max_lease_ttl_s, not the 300 days asked.
     assert granted["expires_at"] - time.time() <= 3600 + 5
-    assert len(flood_replies.messages) + overloaded() <= 2000
-    assert all(json.loads(m)["status"] == 409 for _t, m in list(flood_replies.messages))
+    dropped = lender.api("GET", "/v1/node")[1]["mqtt"]["dropped"]
+    assert dropped.get("overloaded", 0) > 0, dropped
 
 
 # -- a full disk turns nothing off -----------------------------------------------------------

@@ -107,16 +107,32 @@ class _Reclaim:
 
 #: Requests one requester may have waiting in a lender's inbox; more are dropped.
 PER_REQUESTER_MAX = 16
+#: Requests one requester may have answered per second (a token bucket of
+#: PER_REQUESTER_MAX): a lender that refuses as fast as a flood arrives must still not queue
+#: thousands of replies ahead of a real peer's.
+PER_REQUESTER_RATE = 20.0
 
 
 class FairInbox:
-    """The lender's inbox: one bounded queue per requester, served round-robin, so that a
-    node sending thousands of requests delays only itself; reclaims (the lender's own
+    """The lender's inbox: one bounded queue per requester, served round-robin, and a
+    per-requester rate (a token bucket), so that a node sending thousands of requests delays
+    only itself — also when the lender refuses them as fast as they come, which would
+    otherwise queue thousands of replies ahead of a real peer's; reclaims (the lender's own
     decisions) go first."""
 
-    def __init__(self, per_requester: int = PER_REQUESTER_MAX, total: int = INBOX_MAX) -> None:
+    def __init__(
+        self,
+        per_requester: int = PER_REQUESTER_MAX,
+        total: int = INBOX_MAX,
+        rate_per_s: float = PER_REQUESTER_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._per = per_requester
         self._total = total
+        self._rate = rate_per_s
+        self._clock = clock
+        #: requester -> (tokens, when last refilled)
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._queues: dict[str, collections.deque[_Job | _Reclaim]] = {}
         self._turns: collections.deque[str] = collections.deque()
         self._urgent: collections.deque[_Reclaim] = collections.deque()
@@ -131,6 +147,17 @@ class FairInbox:
         queue = self._queues.get(requester)
         if self._size >= self._total or (queue is not None and len(queue) >= self._per):
             return False
+        now = self._clock()
+        tokens, then = self._buckets.get(requester, (float(self._per), now))
+        tokens = min(float(self._per), tokens + (now - then) * self._rate)
+        if tokens < 1.0:
+            self._buckets[requester] = (tokens, now)
+            return False
+        self._buckets[requester] = (tokens - 1.0, now)
+        if len(self._buckets) > 4 * self._total:  # forget requesters with full buckets
+            full = [r for r, (t, _) in self._buckets.items() if t >= self._per - 1]
+            for r in full:
+                del self._buckets[r]
         if queue is None:
             queue = self._queues[requester] = collections.deque()
             self._turns.append(requester)
@@ -213,6 +240,11 @@ class Lender:
                 ),
                 False,
             )
+            # Let the receiver run between jobs even when a job never waited (a refusal is
+            # decided on the loop): it then drains what the broker has delivered into the
+            # per-requester queues — where a flood is bounded and a real peer's request
+            # takes its turn — instead of feeding them one at a time in arrival order.
+            await asyncio.sleep(0)
 
     async def _answer(self, request: payloads.AnyRequest) -> payloads.Reply:
         try:
