@@ -799,7 +799,9 @@ class Placer:
         cache = self._cache(request)
         rows: list[tuple[float, str, int, NodeState, tuple[CardKind, ...]]] = []
         for node in nodes:
-            scored = cache.get(node.key) or self._score(node, request, cache)
+            scored = cache.get(node.key)
+            if scored is None:
+                scored = self._score(node, request, cache)
             if not scored:
                 continue
             if every_card:

@@ -154,20 +154,20 @@ class PeerStates:
 
     def states(self, peers: Sequence[Peer]) -> list[placement.NodeState]:
         out = []
-        seen = set()
+        cache = self._states
         for peer in peers:
-            seen.add(peer.node)
-            cached = self._states.get(peer.node)
+            cached = cache.get(peer.node)
             if cached is None or _changed(cached[0], peer):
                 if cached is not None:
                     self.supply = self.supply - placement.supply_of([cached[1]])
                 cached = (peer, _peer_state(peer))
                 self.supply = self.supply + placement.supply_of([cached[1]])
-                self._states[peer.node] = cached
+                cache[peer.node] = cached
             out.append(cached[1])
-        if len(self._states) > len(seen):
-            for node in [n for n in self._states if n not in seen]:
-                self.supply = self.supply - placement.supply_of([self._states.pop(node)[1]])
+        if len(cache) > len(out):  # peers gone: forget them
+            seen = {p.node for p in peers}
+            for node in [n for n in cache if n not in seen]:
+                self.supply = self.supply - placement.supply_of([cache.pop(node)[1]])
         return out
 
 
