@@ -61,6 +61,8 @@ from benchmarks.placement_sim import (
 CARD_MIB = MILLI
 #: The trace sets no per-card limit on sharers; the smallest task is 5 %, so 100 never binds.
 CARD_SLOTS = 100
+#: Weights the CLI can change for ablations (``--<name>-weight``).
+ABLATION_WEIGHTS = ("stranding", "lookahead", "scarcity", "host_fit")
 #: How often (in tasks) the replay tells the placer what the pool has.
 SUPPLY_EVERY = 50
 
@@ -303,40 +305,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--round-step", type=int, default=1, help="agent grant step in %% of a card (1 = exact)"
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
-    parser.add_argument(
-        "--stranding-weight",
-        type=float,
-        default=placement.DEFAULT_WEIGHTS.stranding,
-        help="agent only, for ablations (placement.Weights.stranding)",
-    )
-    parser.add_argument(
-        "--lookahead-weight",
-        type=float,
-        default=placement.DEFAULT_WEIGHTS.lookahead,
-        help="agent only, for ablations (placement.Weights.lookahead)",
-    )
-    parser.add_argument(
-        "--scarcity-weight",
-        type=float,
-        default=placement.DEFAULT_WEIGHTS.scarcity,
-        help="agent only, for ablations (placement.Weights.scarcity)",
-    )
-    parser.add_argument(
-        "--host-fit-weight",
-        type=float,
-        default=placement.DEFAULT_WEIGHTS.host_fit,
-        help="agent only, for ablations (placement.Weights.host_fit)",
-    )
+    for name in ABLATION_WEIGHTS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}-weight",
+            type=float,
+            default=getattr(placement.DEFAULT_WEIGHTS, name),
+            help=f"agent only, for ablations (placement.Weights.{name})",
+        )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not 1 <= args.round_step <= 100 or 100 % args.round_step:
         parser.error("--round-step must divide 100")
     weights = dataclasses.replace(
         placement.DEFAULT_WEIGHTS,
-        stranding=args.stranding_weight,
-        lookahead=args.lookahead_weight,
-        scarcity=args.scarcity_weight,
-        host_fit=args.host_fit_weight,
+        **{name: getattr(args, f"{name}_weight") for name in ABLATION_WEIGHTS},
     )
     result = benchmark(
         args.nodes, args.pods, args.policy, args.seeds, args.round_step, args.jobs, weights

@@ -198,24 +198,35 @@ async def get_slices(request: web.Request) -> web.Response:
     return _json([views.slice_view(service, s, caller) for s in await service.slices(history)])
 
 
+def _asked(
+    body: schema.AllocateBody | schema.PlaceBody | schema.BorrowBody, uid: int, **more: Any
+) -> SliceRequest:
+    """What a body asks for (cards, models, host CPU and memory), for ``uid``."""
+    return SliceRequest(
+        memory_mib=body.memory_mib,
+        compute_pct=body.compute_pct,
+        owner_uid=uid,
+        models=parse_models(body.model),
+        cpu_milli=body.cpu_milli,
+        host_memory_mib=body.host_memory_mib,
+        **more,
+    )
+
+
 async def post_slices(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.AllocateBody = await _body(request, schema.AllocateBody)
     caller = caller_of(request)
     slice_, created = await service.allocate(
         caller,
-        SliceRequest(
-            memory_mib=body.memory_mib,
-            compute_pct=body.compute_pct,
-            owner_uid=caller.uid,
+        _asked(
+            body,
+            caller.uid,
             device=body.device,
             ttl_s=body.ttl_s,
             labels=body.labels,
             priority=body.priority,
             request_id=body.request_id,
-            models=parse_models(body.model),
-            cpu_milli=body.cpu_milli,
-            host_memory_mib=body.host_memory_mib,
         ),
     )
     return _json(views.slice_view(service, slice_, caller), status=201 if created else 200)
@@ -301,14 +312,7 @@ async def post_place(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.PlaceBody = await _body(request, schema.PlaceBody)
     ranked = service.place(
-        SliceRequest(
-            memory_mib=body.memory_mib,
-            compute_pct=body.compute_pct,
-            owner_uid=caller_of(request).uid,
-            models=parse_models(body.model),
-            cpu_milli=body.cpu_milli,
-            host_memory_mib=body.host_memory_mib,
-        ),
+        _asked(body, caller_of(request).uid),
         request.app[POOL].peers(),
         body.limit,
     )
@@ -332,17 +336,7 @@ async def post_borrow(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.BorrowBody = await _body(request, schema.BorrowBody)
     caller = caller_of(request)
-    wanted = service.normalise(
-        SliceRequest(
-            memory_mib=body.memory_mib,
-            compute_pct=body.compute_pct,
-            owner_uid=caller.uid,
-            ttl_s=body.ttl_s,
-            models=parse_models(body.model),
-            cpu_milli=body.cpu_milli,
-            host_memory_mib=body.host_memory_mib,
-        )
-    )
+    wanted = service.normalise(_asked(body, caller.uid, ttl_s=body.ttl_s))
     lease = await request.app[POOL].borrow(caller, wanted, body.node)
     return _json(views.lease_view(lease, caller), status=201)
 
