@@ -31,6 +31,9 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class NodeConfig(_Section):
     name: str = ""
     zone: str = "default"
+    #: Where peers reach this node to run a job on it (``run --pool``): a host name or an
+    #: address for the launcher's ``{address}``. Empty: the host's fully qualified name.
+    address: str = ""
 
 
 class PathsConfig(_Section):
@@ -136,6 +139,21 @@ class PoolConfig(_Section):
     lease_ttl_s: str | float = 600.0
     #: No lease is granted (or renewed) for longer than this, whatever the borrower asks.
     max_lease_ttl_s: str | float = "1d"
+    #: A borrower that went offline or restarted keeps its leases this long at most (it
+    #: renews them when it is back); then they lapse and their jobs are ended.
+    borrower_grace_s: str | float = 60.0
+    #: How ``xpuctl run --pool`` reaches a lender: an argv template (``{address}``,
+    #: ``{node}``); the remote command follows it.
+    launcher: list[str] = msgspec.field(
+        default_factory=lambda: ["ssh", "-o", "BatchMode=yes", "{address}"]
+    )
+    #: ``xpuctl`` as the launcher's remote side finds it.
+    remote_xpuctl: str = "xpuctl"
+    #: The lease token travels in the launcher's environment (ssh: ``SendEnv
+    #: LC_XPU_SLICE_TOKEN``, which Debian's sshd accepts), never on a command line that
+    #: ``ps`` shows. ``true`` puts it in the remote command instead, for a lender whose
+    #: sshd accepts no ``LC_*`` variables (then every local user there can read it).
+    token_in_command: bool = False
 
 
 class MetricsConfig(_Section):
@@ -160,6 +178,10 @@ class Config(_Section):
     @property
     def node_name(self) -> str:
         return self.node.name or socket.gethostname()
+
+    @property
+    def node_address(self) -> str:
+        return self.node.address or socket.getfqdn()
 
     @property
     def ledger_path(self) -> Path:
@@ -249,11 +271,24 @@ def _check(config: Config) -> None:
     if config.pool.peer_ttl_s <= 0:
         raise ConfigError("pool.peer_ttl_s", "must be positive")
     ttls = {}
-    for key in ("lease_ttl_s", "max_lease_ttl_s"):
+    for key in ("lease_ttl_s", "max_lease_ttl_s", "borrower_grace_s"):
         try:
             ttls[key] = parse_duration_s(getattr(config.pool, key))
         except ValueError as exc:
             raise ConfigError(f"pool.{key}", str(exc)) from None
+    if not config.pool.launcher or not all(config.pool.launcher):
+        raise ConfigError("pool.launcher", "must be a non-empty argv of non-empty words")
+    for word in config.pool.launcher:
+        try:
+            word.format(address="", node="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                "pool.launcher", f"{word!r}: only {{address}} and {{node}} ({exc})"
+            ) from None
+    if not config.pool.remote_xpuctl:
+        raise ConfigError("pool.remote_xpuctl", "must not be empty")
+    if config.node.address and not re.fullmatch(r"[A-Za-z0-9_.:@\[\]-]+", config.node.address):
+        raise ConfigError("node.address", "a host name or address ([user@]host)")
     if ttls["lease_ttl_s"] > ttls["max_lease_ttl_s"]:
         raise ConfigError("pool.lease_ttl_s", "must not exceed pool.max_lease_ttl_s")
     _check_api(config.api)

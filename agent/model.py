@@ -10,6 +10,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+#: The API header that presents a slice's token: a capability for that slice alone (a job
+#: dispatched from a borrower binds with it; ``xpuctl run --slice`` sends it).
+SLICE_TOKEN_HEADER = "X-XPU-Slice-Token"  # noqa: S105 - a header's name, not a secret
+
 
 class Vendor(enum.StrEnum):
     NVIDIA = "nvidia"
@@ -102,6 +106,8 @@ class Slice:
     #: Host CPU (milli-CPUs) and memory (MiB) the slice holds besides its card share.
     cpu_milli: int = 0
     host_memory_mib: int = 0
+    #: Why it ended (``None`` while live): the borrower of a lent slice is told this.
+    end_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +135,35 @@ class Event:
     kind: str
     data: Mapping[str, object]
     slice_id: str | None = None
+
+
+#: The states of a borrowed lease: renewed while ``active``; the others say how it ended.
+LEASE_STATES = ("active", "returned", "reclaimed", "expired", "lost")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A slice this node borrowed from a peer. Kept in the borrower's ledger, so that a
+    restarted agent goes on renewing what its jobs still run in."""
+
+    lender: str
+    slice_id: str
+    device: str
+    memory_mib: int
+    compute_pct: int
+    expires_at: float | None  # on this node's clock
+    env: Mapping[str, str] = field(default_factory=dict)
+    owner_uid: int | None = None  # who borrowed it (on the borrowing node)
+    #: Where the lender is reached (its ``node.address``), for the launcher.
+    address: str = ""
+    #: The lease's capability (also in ``env``); shown to nobody but its owner.
+    token: str = ""
+    #: The TTL asked for at each renewal.
+    ttl_s: float = 600.0
+    state: str = "active"
+    reason: str | None = None
+    created_at: float = 0.0
+    ended_at: float | None = None
+    #: The borrowing process whose life the lease follows (``xpuctl run --pool``): when
+    #: it is gone the agent returns the lease instead of renewing it.
+    holder: ProcessRef | None = None

@@ -11,6 +11,9 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 command -v zsh >/dev/null 2>&1 || need+=(zsh)  # checks the generated zsh completion
+# A real sshd (and ssh) for `xpuctl run --pool` across nodes (tests/test_run_pool.py).
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 # Building and checking the Debian package (tests/test_deb.py, `make deb`).
 deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 for pkg in dpkg-dev debhelper dh-virtualenv lintian build-essential python3-venv python3-dev man-db; do

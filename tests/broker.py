@@ -158,10 +158,11 @@ def mqtt_config(
     extra_mqtt: str = "",
     pool: str = "",
     zone: str = "z",
+    node_extra: str = "",
 ) -> str:
     """The config snippet of agent ``node`` on ``broker`` (AgentProcess ``config=``)."""
     return (
-        f'[node]\nname = "{node}"\nzone = "{zone}"\n'
+        f'[node]\nname = "{node}"\nzone = "{zone}"\n{node_extra}\n'
         "[mqtt]\n"
         f'url = "{broker.url}"\n'
         f'topic_root = "{root}"\n'

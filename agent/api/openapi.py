@@ -18,7 +18,7 @@ class Param:
     """A path or query parameter, with the bounds the handler enforces."""
 
     name: str
-    where: str  # "path" | "query"
+    where: str  # "path" | "query" | "header"
     schema: dict[str, Any]
     description: str = ""
 
@@ -82,10 +82,10 @@ def openapi_document(routes: Sequence[Route], version: str) -> dict[str, Any]:
             for name in re.findall(r"{(\w+)}", route.path)
         ]
         params += [
-            {"name": p.name, "in": "query", "required": False, "schema": p.schema}
+            {"name": p.name, "in": p.where, "required": False, "schema": p.schema}
             | ({"description": p.description} if p.description else {})
             for p in route.params
-            if p.where == "query"
+            if p.where in ("query", "header")
         ]
         body = (
             {route.media_type: {"schema": lookup[route.response]}}

@@ -85,6 +85,9 @@ class BorrowBody(Body):
     model: Models | None = None
     cpu_milli: CpuMilli = 0
     host_memory_mib: HostMemoryMib = 0
+    #: The lease lives as long as the calling process: when it exits, the agent returns
+    #: the lease (``xpuctl run --pool``), instead of renewing it until returned.
+    hold: bool = False
 
 
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -122,6 +125,8 @@ class SliceView(msgspec.Struct, kw_only=True):
     created_at: float
     expires_at: float | None
     ended_at: float | None
+    #: Why it ended (released by whom, ttl lapsed, local demand, ...).
+    end_reason: str | None = None
     borrower: str | None
     request_id: str | None
     processes: list[ProcessView]
@@ -245,6 +250,8 @@ class PeerView(msgspec.Struct, kw_only=True):
     placeable: bool
     age_s: float
     agent: str | None
+    #: Where the peer is reached to run a job on it (its ``node.address``).
+    address: str = ""
     devices: list[PeerDeviceView]
     lendable_memory_mib: int
     lendable_compute_pct: int
@@ -271,3 +278,13 @@ class LeaseView(msgspec.Struct, kw_only=True):
     #: Only shown to the borrowing user and admins: it carries the lease token.
     env: dict[str, str]
     owner_uid: int | None = None
+    #: Where the lender is reached, and the argv that reaches it (``pool.launcher``).
+    address: str = ""
+    launcher: list[str] = []
+    #: ``xpuctl`` on the lender; whether the token goes in the remote command line.
+    remote_xpuctl: str = "xpuctl"
+    token_in_command: bool = False
+    #: ``active``, or how it ended: ``returned``, ``reclaimed``, ``expired``, ``lost``.
+    state: str = "active"
+    reason: str | None = None
+    ended_at: float | None = None

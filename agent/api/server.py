@@ -32,7 +32,7 @@ from agent.core.pool import Peer, Pool, parse_models
 from agent.core.service import NodeService
 from agent.errors import BadRequest, NotFound, PayloadTooLarge, XpuError
 from agent.instance import refuse_live_socket
-from agent.model import SliceRequest
+from agent.model import SLICE_TOKEN_HEADER, SliceRequest
 
 log = structlog.get_logger(__name__)
 
@@ -232,10 +232,17 @@ async def post_slices(request: web.Request) -> web.Response:
     return _json(views.slice_view(service, slice_, caller), status=201 if created else 200)
 
 
+TOKEN_HEADER = SLICE_TOKEN_HEADER
+
+
+def _token(request: web.Request) -> str | None:
+    return request.headers.get(TOKEN_HEADER) or None
+
+
 async def get_slice(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     slice_ = await service.get(request.match_info["id"])
-    return _json(views.slice_view(service, slice_, caller_of(request)))
+    return _json(views.slice_view(service, slice_, caller_of(request), _token(request)))
 
 
 async def delete_slice(request: web.Request) -> web.Response:
@@ -249,8 +256,9 @@ async def post_processes(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body: schema.BindBody = await _body(request, schema.BindBody)
     caller = caller_of(request)
-    slice_ = await service.bind(caller, request.match_info["id"], body.pid)
-    return _json(views.slice_view(service, slice_, caller), status=201)
+    token = _token(request)
+    slice_ = await service.bind(caller, request.match_info["id"], body.pid, token=token)
+    return _json(views.slice_view(service, slice_, caller, token), status=201)
 
 
 async def delete_process(request: web.Request) -> web.Response:
@@ -337,19 +345,31 @@ async def post_borrow(request: web.Request) -> web.Response:
     body: schema.BorrowBody = await _body(request, schema.BorrowBody)
     caller = caller_of(request)
     wanted = service.normalise(_asked(body, caller.uid, ttl_s=body.ttl_s))
-    lease = await request.app[POOL].borrow(caller, wanted, body.node)
-    return _json(views.lease_view(lease, caller), status=201)
+    holder = await service.process_of(caller) if body.hold else None
+    lease = await request.app[POOL].borrow(caller, wanted, body.node, holder)
+    return _json(views.lease_view(service, lease, caller), status=201)
 
 
 async def get_leases(request: web.Request) -> web.Response:
     caller = caller_of(request)
-    return _json([views.lease_view(lease, caller) for lease in request.app[POOL].leases()])
+    service = request.app[SERVICE]
+    leases = request.app[POOL].leases()
+    return _json([views.lease_view(service, lease, caller) for lease in leases])
+
+
+async def get_lease(request: web.Request) -> web.Response:
+    """One lease, held or ended lately (``state`` and ``reason`` say how it ended)."""
+    caller = caller_of(request)
+    lease = await request.app[POOL].lease(request.match_info["id"])
+    if lease is None:
+        raise NotFound(f"no borrowed lease {request.match_info['id']!r}")
+    return _json(views.lease_view(request.app[SERVICE], lease, caller))
 
 
 async def delete_lease(request: web.Request) -> web.Response:
     caller = caller_of(request)
     lease = await request.app[POOL].give_back(caller, request.match_info["id"])
-    return _json(views.lease_view(lease, caller))
+    return _json(views.lease_view(request.app[SERVICE], lease, caller))
 
 
 def _event_view(event: Any) -> schema.EventView:
@@ -396,6 +416,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 _WRITE = (400, 403, 404, 409, 413, 503, 507)
 _ID = Param("id", "path", {"type": "string", "minLength": 1, "maxLength": 128})
 _PID = Param("pid", "path", {"type": "integer", "minimum": 1, "maximum": 2**22})
+_TOKEN = Param(TOKEN_HEADER, "header", {"type": "string", "maxLength": 128}, "the slice's token")
 _FLAG = {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}
 
 ROUTES: tuple[Route, ...] = (
@@ -440,10 +461,10 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/slices/{id}",
         get_slice,
-        "One slice",
+        "One slice (its environment to its owner, or with the slice's token)",
         response=schema.SliceView,
         errors=(404,),
-        params=(_ID,),
+        params=(_ID, _TOKEN),
     ),
     Route(
         "DELETE",
@@ -458,12 +479,12 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/v1/slices/{id}/processes",
         post_processes,
-        "Bind a process",
+        "Bind a process (of yours, to a slice of yours or whose token you present)",
         body=schema.BindBody,
         response=schema.SliceView,
         status=201,
         errors=_WRITE,
-        params=(_ID,),
+        params=(_ID, _TOKEN),
     ),
     Route(
         "DELETE",
@@ -517,6 +538,15 @@ ROUTES: tuple[Route, ...] = (
         links={"ReturnLease": ("delete_lease", {"id": "$response.body#/slice_id"})},
     ),
     Route("GET", "/v1/pool/leases", get_leases, "Leases borrowed", response=list[schema.LeaseView]),
+    Route(
+        "GET",
+        "/v1/pool/leases/{id}",
+        get_lease,
+        "One borrowed lease, held or ended lately",
+        response=schema.LeaseView,
+        errors=(404,),
+        params=(_ID,),
+    ),
     Route(
         "DELETE",
         "/v1/pool/leases/{id}",

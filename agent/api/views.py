@@ -6,14 +6,18 @@ from agent import __version__
 from agent.api import schema
 from agent.core.caller import Caller
 from agent.core.capacity import CardUse
-from agent.core.pool import Lease, Peer, Pool
+from agent.core.pool import Peer, Pool
 from agent.core.service import NodeService
-from agent.model import Health, Slice
+from agent.model import Health, Lease, Slice
 
 
-def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.SliceView:
+def slice_view(
+    service: NodeService, slice_: Slice, caller: Caller, token: str | None = None
+) -> schema.SliceView:
+    """``token``: the caller presented this slice token; the right one shows the slice as
+    to its owner (a dispatched job's ``xpuctl run --slice`` reads its environment)."""
     usage = service.usage.get(slice_.id)
-    mine = caller.admin or caller.uid == slice_.owner_uid
+    mine = caller.admin or caller.uid == slice_.owner_uid or service.holds_token(slice_, token)
     return schema.SliceView(
         id=slice_.id,
         device=slice_.device,
@@ -26,6 +30,7 @@ def slice_view(service: NodeService, slice_: Slice, caller: Caller) -> schema.Sl
         created_at=slice_.created_at,
         expires_at=slice_.expires_at,
         ended_at=slice_.ended_at,
+        end_reason=slice_.end_reason,
         borrower=slice_.borrower,
         request_id=slice_.request_id if mine else None,
         cpu_milli=slice_.cpu_milli,
@@ -150,6 +155,7 @@ def peer_view(peer: Peer) -> schema.PeerView:
         placeable=peer.placeable,
         age_s=round(peer.age_s, 3),
         agent=peer.agent,
+        address=peer.address,
         devices=[
             schema.PeerDeviceView(
                 id=d.id,
@@ -169,8 +175,10 @@ def peer_view(peer: Peer) -> schema.PeerView:
     )
 
 
-def lease_view(lease: Lease, caller: Caller) -> schema.LeaseView:
+def lease_view(service: NodeService, lease: Lease, caller: Caller) -> schema.LeaseView:
     mine = caller.admin or caller.uid == lease.owner_uid
+    pool = service.config.pool
+    address = lease.address or lease.lender
     return schema.LeaseView(
         lender=lease.lender,
         slice_id=lease.slice_id,
@@ -178,6 +186,13 @@ def lease_view(lease: Lease, caller: Caller) -> schema.LeaseView:
         memory_mib=lease.memory_mib,
         compute_pct=lease.compute_pct,
         expires_at=lease.expires_at,
-        env=dict(lease.env) if mine else {},
+        env=dict(lease.env) if mine and lease.state == "active" else {},
         owner_uid=lease.owner_uid,
+        address=address,
+        launcher=[w.format(address=address, node=lease.lender) for w in pool.launcher],
+        remote_xpuctl=pool.remote_xpuctl,
+        token_in_command=pool.token_in_command,
+        state=lease.state,
+        reason=lease.reason,
+        ended_at=lease.ended_at,
     )

@@ -7,15 +7,18 @@ the payload). The lender answers there.
 
 The **lender** allocates a slice with ``borrower`` set and a TTL (``pool.lease_ttl_s`` unless
 asked for less or more) and returns its id, card, environment and expiry. The slice ends
-when its TTL lapses (the agent's expiry task), when the borrower's status goes ``offline``
-or the borrower restarts (it lost its leases), or when a local allocation preempts it; a
-lease that ends without being returned is announced to the borrower with a ``notice``,
-which carries the lease token so that only the lender can have sent it. Renew and release
-must carry the token too: nobody but the borrower can extend or end its lease.
+when its TTL lapses (the agent's expiry task) or when a local allocation preempts it; a
+borrower whose status goes ``offline`` or that restarted keeps its leases for
+``pool.borrower_grace_s`` at most — a restarted borrower renews them (they are in its
+ledger), a dead one lets them lapse. When a lent slice ends its processes are ended too
+(:mod:`agent.enforce.loop`): the lease governs the job. A lease that ends without being
+returned is announced to the borrower with a ``notice`` carrying the reason and the lease
+token, so that only the lender can have sent it. Renew and release must carry the token
+too: nobody but the borrower can extend or end its lease.
 
-The **borrower** keeps its leases in memory, renews each at half its TTL, records
-``lease.*`` events (they reach its events topic like every event), and returns them on
-request.
+The **borrower** keeps its leases in its ledger (and in memory), renews each at half its
+TTL — after a restart at once —, records ``lease.*`` events (they reach its events topic
+like every event), and returns them on request.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from agent.bus.connection import Outgoing
 from agent.bus.guard import Guard
 from agent.bus.origin import Origin
 from agent.bus.topics import NOTICE, Topics
+from agent.core import procs
 from agent.core.caller import Caller
-from agent.core.pool import Lease, Peer, parse_models
+from agent.core.pool import Peer, parse_models
 from agent.core.service import NodeService
 from agent.errors import (
     BadRequest,
@@ -51,7 +55,7 @@ from agent.errors import (
     Unavailable,
     XpuError,
 )
-from agent.model import Slice, SliceRequest, SliceState
+from agent.model import Lease, ProcessRef, Slice, SliceRequest, SliceState
 from agent.units import parse_duration_s
 
 log = structlog.get_logger(__name__)
@@ -101,8 +105,20 @@ class _Job:
 
 @dataclass(frozen=True, slots=True)
 class _Reclaim:
+    """The borrower went away: its leases are kept ``pool.borrower_grace_s`` at most."""
+
     borrower: str
     why: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A lent slice ended without the borrower's word: tell the borrower why."""
+
+    slice: Slice
+
+
+_Urgent = _Reclaim | _Ended
 
 
 #: Requests one requester may have waiting in a lender's inbox; more are dropped.
@@ -133,14 +149,14 @@ class FairInbox:
         self._clock = clock
         #: requester -> (tokens, when last refilled)
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._queues: dict[str, collections.deque[_Job | _Reclaim]] = {}
+        self._queues: dict[str, collections.deque[_Job]] = {}
         self._turns: collections.deque[str] = collections.deque()
-        self._urgent: collections.deque[_Reclaim] = collections.deque()
+        self._urgent: collections.deque[_Urgent] = collections.deque()
         self._ready = asyncio.Event()
         self._size = 0
 
-    def put(self, requester: str, item: _Job | _Reclaim) -> bool:
-        if isinstance(item, _Reclaim):
+    def put(self, requester: str, item: _Job | _Urgent) -> bool:
+        if not isinstance(item, _Job):
             self._urgent.append(item)
             self._ready.set()
             return True
@@ -166,7 +182,7 @@ class FairInbox:
         self._ready.set()
         return True
 
-    async def get(self) -> _Job | _Reclaim:
+    async def get(self) -> _Job | _Urgent:
         while not self._urgent and not self._turns:
             self._ready.clear()
             await self._ready.wait()
@@ -225,7 +241,10 @@ class Lender:
         while True:
             item = await self._inbox.get()
             if isinstance(item, _Reclaim):
-                await self._reclaim(item.borrower, item.why)
+                await self._grace(item.borrower, item.why)
+                continue
+            if isinstance(item, _Ended):
+                await self._tell(item.slice)
                 continue
             reply = await self._answer(item.request)
             self.served += 1
@@ -281,6 +300,8 @@ class Lender:
         )
 
     def _grant(self, slice_: Slice) -> payloads.LeaseGrant:
+        """The lease as the borrower gets it; its environment also names this agent's
+        socket, for the dispatched job's ``xpuctl run --slice`` on this node."""
         device = self.service.inventory.devices.get(slice_.device)
         return payloads.LeaseGrant(
             slice_id=slice_.id,
@@ -290,7 +311,7 @@ class Lender:
             memory_mib=slice_.memory_mib,
             compute_pct=slice_.compute_pct,
             expires_at=slice_.expires_at,
-            env=self.service.env(slice_),
+            env=self.service.env(slice_) | {"XPU_AGENT_SOCKET": self.service.config.paths.socket},
         )
 
     def _lease_ttl_s(self, asked: float | None) -> float:
@@ -385,45 +406,58 @@ class Lender:
             ],
         )
 
-    async def _reclaim(self, borrower: str, why: str) -> None:
+    async def _grace(self, borrower: str, why: str) -> None:
+        """The borrower went offline or restarted: not an abandonment by itself (a
+        restarted borrower renews what its jobs still run in), but its leases are cut to
+        ``pool.borrower_grace_s`` at most, so that a dead one frees them soon."""
+        grace = parse_duration_s(self.service.config.pool.borrower_grace_s)
+        horizon = self.service.clock() + grace
         for slice_ in [s for s in self.service.live.values() if s.borrower == borrower]:
-            self._quiet.add(slice_.id)
+            if slice_.expires_at is not None and slice_.expires_at <= horizon:
+                continue
             with contextlib.suppress(NotFound):
-                await self.service.release(system_caller(), slice_.id, SliceState.RELEASED, why)
-                log.info("reclaimed a lent slice", slice=slice_.id, borrower=borrower, why=why)
+                await self.service.renew(slice_.id, grace)
+                log.info("lease cut to the grace", slice=slice_.id, borrower=borrower, why=why)
 
     # -- noticing leases that ended without the borrower's word --------------------------
 
     def _watch(self) -> None:
         """On every change: a lent slice that vanished was expired or reclaimed."""
         current = {s.id: s for s in self.service.live.values() if s.borrower is not None}
-        now = self.origin.wall()
         for slice_id, old in self._lent.items():
             if slice_id in current:
                 continue
             if slice_id in self._quiet:
                 self._quiet.discard(slice_id)
                 continue
-            assert old.borrower is not None
-            expired = old.expires_at is not None and old.expires_at <= now + 1.0
-            notice = payloads.Notice(
-                **self.origin.stamp(),
-                slice_id=slice_id,
-                token=old.token,
-                state="expired" if expired else "reclaimed",
-                reason="ttl lapsed" if expired else "reclaimed by the lender",
-            )
-            log.info("lease ended", slice=slice_id, borrower=old.borrower, state=notice.state)
-            self._send(
-                Outgoing(
-                    self.topics.rpc(old.borrower, NOTICE),
-                    payloads.encode(notice),
-                    qos=1,
-                    deadline=self._clock() + REPLY_EXPIRY_S,
-                ),
-                False,
-            )
+            self._inbox.put(old.borrower or "", _Ended(old))
         self._lent = current
+
+    async def _tell(self, old: Slice) -> None:
+        """Send the borrower a notice with the ledger's reason for the end."""
+        assert old.borrower is not None
+        try:
+            ended = await self.service.get(old.id)
+        except XpuError:
+            ended = old
+        expired = ended.state is SliceState.EXPIRED
+        notice = payloads.Notice(
+            **self.origin.stamp(),
+            slice_id=old.id,
+            token=old.token,
+            state="expired" if expired else "reclaimed",
+            reason=ended.end_reason or ("ttl lapsed" if expired else "reclaimed by the lender"),
+        )
+        log.info("lease ended", slice=old.id, borrower=old.borrower, state=notice.state)
+        self._send(
+            Outgoing(
+                self.topics.rpc(old.borrower, NOTICE),
+                payloads.encode(notice),
+                qos=1,
+                deadline=self._clock() + REPLY_EXPIRY_S,
+            ),
+            False,
+        )
 
 
 # -- the borrower --------------------------------------------------------------------------
@@ -432,9 +466,16 @@ class Lender:
 @dataclass(frozen=True, slots=True)
 class Held:
     lease: Lease
-    token: str
-    ttl_s: float
     renew_at: float  # this node's wall clock, like lease.expires_at
+
+
+#: How an event kind of the borrower names the lease's final state.
+_ENDED_AS = {
+    "lease.returned": "returned",
+    "lease.reclaimed": "reclaimed",
+    "lease.expired": "expired",
+    "lease.lost": "lost",
+}
 
 
 class Borrower:
@@ -514,7 +555,7 @@ class Borrower:
         if (
             held is None
             or held.lease.lender != notice.node
-            or not secrets.compare_digest(held.token, notice.token)
+            or not secrets.compare_digest(held.lease.token, notice.token)
         ):
             self.guard.drop(
                 reasons.UNEXPECTED, topic, f"notice for unknown lease {notice.slice_id}"
@@ -530,15 +571,41 @@ class Borrower:
     def leases(self) -> list[Lease]:
         return sorted((h.lease for h in self.held.values()), key=lambda lease: lease.slice_id)
 
+    async def lease(self, slice_id: str) -> Lease | None:
+        """A lease held now, or one that ended (kept ``slicing.history_s`` in the ledger)."""
+        held = self.held.get(slice_id)
+        if held is not None:
+            return held.lease
+        with contextlib.suppress(XpuError):
+            return await self.service.lease(slice_id)
+        return None
+
+    async def resume(self) -> int:
+        """At start: the leases a previous run held, renewed at once (a lender may have cut
+        them to its grace when it saw this node go)."""
+        try:
+            kept = await self.service.leases()
+        except XpuError as exc:
+            log.warning("could not read the borrowed leases", error=str(exc))
+            return 0
+        now = self.origin.wall()
+        for lease in kept:
+            self.held[lease.slice_id] = Held(lease, renew_at=now)
+        if kept:
+            log.info("resumed borrowed leases", leases=[lease.slice_id for lease in kept])
+        return len(kept)
+
     async def borrow(
         self,
         caller: Caller,
         wanted: SliceRequest,
         node: str | None,
         peers: Sequence[Peer],
+        holder: ProcessRef | None = None,
     ) -> Lease:
         """Borrow ``wanted`` (normalised) from ``node``, or from the peers the node's placer
-        ranks best (the next one when a lender refuses)."""
+        ranks best (the next one when a lender refuses); ``holder``: the process whose
+        life the lease follows."""
         known = list(peers)
         if node is not None:
             peer = next((p for p in known if p.node == node), None)
@@ -557,6 +624,7 @@ class Borrower:
                 raise DoesNotFit(
                     f"no peer can lend {wanted.memory_mib} MiB / {wanted.compute_pct} %{on}"
                 )
+        addresses = {p.node: p.address for p in known}
         model = "|".join(sorted(wanted.models)) or None
         last: XpuError | None = None
         for lender in lenders[:MAX_LENDERS_TRIED]:
@@ -571,7 +639,8 @@ class Borrower:
             )
             reply = await self.call(lender, request)
             if reply.status < 300 and reply.lease is not None:
-                return await self._keep(lender, reply, reply.lease, caller)
+                address = addresses.get(lender) or lender
+                return await self._keep(lender, address, reply, reply.lease, caller, holder)
             last = error_of(reply)
             if reply.status not in (403, 409):
                 raise last
@@ -587,7 +656,13 @@ class Borrower:
         return max(1.0, grant.expires_at - reply.ts)
 
     async def _keep(
-        self, lender: str, reply: payloads.Reply, grant: payloads.LeaseGrant, caller: Caller
+        self,
+        lender: str,
+        address: str,
+        reply: payloads.Reply,
+        grant: payloads.LeaseGrant,
+        caller: Caller,
+        holder: ProcessRef | None,
     ) -> Lease:
         now = self.origin.wall()
         ttl = self._remaining_s(reply, grant)
@@ -600,8 +675,18 @@ class Borrower:
             expires_at=now + ttl,  # on this node's clock
             env=dict(grant.env),
             owner_uid=caller.uid,
+            address=address,
+            token=grant.token,
+            ttl_s=ttl,
+            created_at=now,
+            holder=holder,
         )
-        self.held[grant.slice_id] = Held(lease, grant.token, ttl, now + ttl / 2)
+        self.held[grant.slice_id] = Held(lease, now + ttl / 2)
+        try:
+            await self.service.keep_lease(lease)
+        except XpuError as exc:
+            # Held in memory all the same: it works, and is renewed, until a restart.
+            log.warning("lease not recorded in the ledger", slice=grant.slice_id, error=str(exc))
         log.info("borrowed a slice", lender=lender, slice=grant.slice_id, device=grant.device)
         await self.service.record(
             "lease.borrowed",
@@ -617,7 +702,7 @@ class Borrower:
         )
         return lease
 
-    async def give_back(self, caller: Caller, slice_id: str) -> Lease:
+    async def give_back(self, caller: Caller, slice_id: str, why: str = "returned") -> Lease:
         held = self.held.get(slice_id)
         if held is None:
             raise NotFound(f"no borrowed lease {slice_id!r}")
@@ -629,24 +714,29 @@ class Borrower:
         request = payloads.ReleaseRequest(
             **self._request_fields(),
             slice_id=slice_id,
-            token=held.token,
+            token=held.lease.token,
         )
         reply = await self.call(held.lease.lender, request)
         if reply.status >= 300 and reply.status != 404:
             raise error_of(reply)
-        await self._forget(slice_id, "lease.returned", "returned")
-        return held.lease
+        await self._forget(slice_id, "lease.returned", why)
+        return replace(held.lease, state="returned", reason=why)
 
     async def _forget(self, slice_id: str, kind: str, why: str) -> None:
         held = self.held.pop(slice_id, None)
         if held is None:
             return
         log.info("lease ended", slice=slice_id, lender=held.lease.lender, why=why)
+        try:
+            await self.service.end_lease(slice_id, _ENDED_AS[kind], why)
+        except XpuError as exc:
+            log.warning("lease end not recorded", slice=slice_id, error=str(exc))
         await self.service.record(kind, {"lender": held.lease.lender, "reason": why}, slice_id)
 
     # -- the task: renewals and notices ---------------------------------------------------
 
     async def run(self) -> None:
+        await self.resume()
         while True:
             try:
                 notice = await asyncio.wait_for(self._notices.get(), timeout=RENEW_CHECK_S)
@@ -656,7 +746,19 @@ class Borrower:
             kind = "lease.expired" if notice.state == "expired" else "lease.reclaimed"
             await self._forget(notice.slice_id, kind, notice.reason or notice.state)
 
+    async def _return_orphans(self) -> None:
+        """Leases whose holder (the ``xpuctl run --pool`` that borrowed them) is gone —
+        killed, say, before it could return them — are returned, not renewed forever."""
+        for slice_id, held in list(self.held.items()):
+            holder = held.lease.holder
+            if holder is None or procs.still_same(holder) or not self._connected():
+                continue
+            agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
+            with contextlib.suppress(XpuError):
+                await self.give_back(agent, slice_id, f"its holder (pid {holder.pid}) is gone")
+
     async def _renew_due(self) -> None:
+        await self._return_orphans()
         now = self.origin.wall()
         for slice_id, held in list(self.held.items()):
             expires = held.lease.expires_at
@@ -668,8 +770,8 @@ class Borrower:
             request = payloads.RenewRequest(
                 **self._request_fields(),
                 slice_id=slice_id,
-                token=held.token,
-                ttl_s=held.ttl_s,
+                token=held.lease.token,
+                ttl_s=held.lease.ttl_s,
             )
             try:
                 reply = await self.call(held.lease.lender, request)
@@ -684,6 +786,8 @@ class Borrower:
                 left = self._remaining_s(reply, reply.lease)
                 lease = replace(held.lease, expires_at=now + left)
                 self.held[slice_id] = replace(held, lease=lease, renew_at=now + left / 2)
+                with contextlib.suppress(XpuError):
+                    await self.service.lease_renewed(slice_id, now + left)
             else:
                 log.warning("renewal refused", slice=slice_id, status=reply.status)
                 self.held[slice_id] = replace(held, renew_at=now + 1.0)

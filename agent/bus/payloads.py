@@ -43,6 +43,8 @@ class Status(Envelope, frozen=True, kw_only=True, tag="xpu.status/1"):
     state: Literal["online", "offline"]
     agent: Text
     since: float
+    #: Where the node is reached to run a job on it (``node.address``).
+    address: Text = ""
 
 
 class SliceUse(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +199,7 @@ class Notice(Envelope, frozen=True, kw_only=True, tag="xpu.notice/1"):
     slice_id: Id
     token: Text
     state: Literal["expired", "reclaimed"]
+    #: Why, in the lender's words (``local demand``, ``ttl lapsed``, ...).
     reason: Text = ""
 
 

@@ -20,8 +20,8 @@ from agent.bus import payloads
 from agent.bus.guard import Guard
 from agent.bus.topics import Address, Kind
 from agent.core.caller import Caller
-from agent.core.pool import Lease, LinkState, Peer, PeerDevice
-from agent.model import SliceRequest
+from agent.core.pool import LinkState, Peer, PeerDevice
+from agent.model import Lease, ProcessRef, SliceRequest
 
 if TYPE_CHECKING:
     from agent.bus.connection import Connection
@@ -203,6 +203,7 @@ class PeerTable:
             placeable=state == "online" and devices is not None,
             age_s=age,
             agent=record.status.agent if record.status else None,
+            address=record.status.address if record.status else "",
             devices=devices or (),
             lendable_memory_mib=idle.memory_mib if idle and lends else 0,
             lendable_compute_pct=idle.compute_pct if idle and lends else 0,
@@ -293,11 +294,15 @@ class MqttPool:
         caller: Caller,
         request: SliceRequest,
         node: str | None,
+        holder: ProcessRef | None = None,
     ) -> Lease:
-        return await self.borrower.borrow(caller, request, node, self.peers())
+        return await self.borrower.borrow(caller, request, node, self.peers(), holder)
 
     def leases(self) -> Sequence[Lease]:
         return self.borrower.leases()
+
+    async def lease(self, slice_id: str) -> Lease | None:
+        return await self.borrower.lease(slice_id)
 
     async def give_back(self, caller: Caller, slice_id: str) -> Lease:
         return await self.borrower.give_back(caller, slice_id)

@@ -56,6 +56,8 @@ class Publisher:
         self._session_seq = 0
         self._last_signature: dict[str, Hashable] = {}
         self._last_sent: dict[str, float] = {}
+        #: Resolved once (``getfqdn`` may ask DNS): where peers reach this node.
+        self.address = service.config.node_address
         service.on_change(self.poke)
 
     @property
@@ -70,6 +72,7 @@ class Publisher:
             state=state,  # type: ignore[arg-type]
             agent=__version__,
             since=self.origin.since,
+            address=self.address,
         )
 
     def capacity(self) -> payloads.Capacity:

@@ -2,7 +2,9 @@
 
 Exit codes: 0 ok; 1 the agent is unreachable or failed; 2 bad usage or value (also an API
 400/413); 3 not allowed (403); 4 unknown id (404); 5 does not fit / conflict (409); for
-``run``, the command's own status.
+``run``, the command's own status, 127 when it cannot start, 128+N when ``xpuctl`` was
+ended by signal N (``run --pool``), 75 when its slice or lease ended under it (reclaimed,
+expired, freed: the line before says why), 255 when the launcher (ssh) failed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from collections.abc import Callable
 from agent import __version__
 from agent.cli import render
 from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, resolve_socket
+from agent.model import SLICE_TOKEN_HEADER
 from agent.units import parse_compute_pct, parse_duration_s, parse_size_mib
+
+#: ``run``'s exit code when the slice or lease ended under the command (reclaimed for
+#: local demand, expired, freed by an operator): sysexits' EX_TEMPFAIL, "try again".
+LEASE_ENDED = 75
 
 # Not ``typing`` itself: its import alone costs ~3 ms of xpuctl's start-up (mypy reads
 # ``TYPE_CHECKING`` as true by name).
@@ -271,7 +278,26 @@ def _slice_id_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slice", metavar="ID", help="reuse this slice instead of allocating one")
+    p.add_argument(
+        "--slice",
+        metavar="ID",
+        help="run in this slice (yours, or one whose token XPU_SLICE_TOKEN holds)",
+    )
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="run on the best card of this node or any peer: a peer's through a lease there"
+        " and the launcher (ssh); the lease is returned when CMD ends",
+    )
+    p.add_argument("--node", metavar="NAME", help="with --pool: run on this node only")
+    p.add_argument(
+        "--launcher",
+        metavar="ARGV",
+        help="with --pool: how to reach the lender, e.g. 'ssh -p 2222 {address}'"
+        " (default: the agent's pool.launcher)",
+    )
+    p.add_argument("--chdir", metavar="DIR", help="run CMD in this directory")
+    p.add_argument("--leased", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory", type=SIZE, help=f"slice {MEMORY_HELP} (without --slice)")
     p.add_argument("--compute", type=COMPUTE, help=f"{COMPUTE_HELP} (without --slice)")
     _host_args(p)
@@ -416,16 +442,40 @@ def _watch_agent(client: AgentClient, stop: Any) -> None:
             continue
 
 
-def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
-    # Imported here: only ``run`` needs them, and xpuctl's start-up time is a budget.
-    import subprocess  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-    import uuid  # noqa: PLC0415
+def _slice_token() -> str | None:
+    """The slice token this process was given: ``XPU_SLICE_TOKEN``, or the ``LC_`` form
+    that ``run --pool`` sends through ssh (``SendEnv``), never on a command line."""
+    return os.environ.get("XPU_SLICE_TOKEN") or os.environ.get("LC_XPU_SLICE_TOKEN") or None
 
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+
+def _command_of(args: argparse.Namespace) -> list[str]:
+    return list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+
+
+def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
+    cmd = _command_of(args)
     if not cmd:
         print("xpuctl run: error: no command given (xpuctl run ... -- CMD ARGS)", file=sys.stderr)
         return 2
+    if args.pool or args.node:
+        if args.slice is not None:
+            print("xpuctl run: error: --pool allocates its own slice: no --slice", file=sys.stderr)
+            return 2
+        from agent.cli import dispatch  # noqa: PLC0415 - only run --pool needs it
+
+        return dispatch.run_pool(client, args, cmd)
+    return run_local(client, args, cmd)
+
+
+def run_local(client: AgentClient, args: argparse.Namespace, cmd: list[str]) -> int:
+    """Run ``cmd`` in a new slice of this node, or in ``--slice`` (one of the caller's, or
+    one whose token the caller holds: a job dispatched here by ``run --pool``)."""
+    # Imported here: only ``run`` needs them, and xpuctl's start-up time is a budget.
+    import threading  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    from agent.cli.gated import GatedChild  # noqa: PLC0415
+
     owned = args.slice is None
     if owned:
         if args.memory is None or args.compute is None:
@@ -438,34 +488,41 @@ def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
         body["request_id"] = f"run-{uuid.uuid4()}"
         slice_ = client.request("POST", "/v1/slices", body)
     else:
+        token = _slice_token()
+        if token:
+            client.headers[SLICE_TOKEN_HEADER] = token
         slice_ = client.get(f"/v1/slices/{args.slice}")
     if not slice_.get("env"):
         print(
-            f"xpuctl run: error: slice {slice_['id']} is not yours or not active", file=sys.stderr
+            f"xpuctl run: error: slice {slice_['id']} is not yours (nor is its token given) or"
+            " not active",
+            file=sys.stderr,
         )
         return 3
-    env = {**os.environ, **slice_["env"]}
+    env = {k: v for k, v in os.environ.items() if k != "LC_XPU_SLICE_TOKEN"} | slice_["env"]
+    # Forked now, exec'd once bound: nothing of CMD runs outside its slice.
+    child = GatedChild(cmd, env, args.chdir)
     try:
-        # Own process group: the enforcer may stop/continue the group without stopping us.
-        child = subprocess.Popen(cmd, env=env, process_group=0)
-    except OSError as exc:
-        print(f"xpuctl run: cannot start {cmd[0]}: {exc.strerror}", file=sys.stderr)
+        client.request("POST", f"/v1/slices/{slice_['id']}/processes", {"pid": child.pid})
+    except (ApiError, AgentUnavailable) as exc:
+        child.cancel()
+        print(f"xpuctl run: could not bind the command to {slice_['id']}: {exc}", file=sys.stderr)
+        if owned:
+            _release_quietly(client, slice_["id"])
+        return exc.exit_code
+    failed = child.release()
+    if failed is not None:
+        where = f" in {args.chdir}" if args.chdir else ""
+        print(f"xpuctl run: cannot start {cmd[0]}{where}: {failed.strerror}", file=sys.stderr)
         if owned:
             _release_quietly(client, slice_["id"])
         return 127
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        child.signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    try:
-        client.request("POST", f"/v1/slices/{slice_['id']}/processes", {"pid": child.pid})
-    except ApiError as exc:
-        if child.poll() is None:
-            print(f"xpuctl run: warning: could not bind: {exc}", file=sys.stderr)
-    except AgentUnavailable as exc:
-        print(f"xpuctl run: warning: {exc}; the command runs unenforced", file=sys.stderr)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_agent, args=(client, stop), daemon=True)
     watcher.start()
@@ -473,7 +530,24 @@ def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
     stop.set()
     if owned:
         _release_quietly(client, slice_["id"])
+    elif status < 0:
+        ended = _ended_under(client, slice_["id"])
+        if ended is not None:
+            if not args.leased:
+                print(f"xpuctl run: slice {slice_['id']} ended: {ended}", file=sys.stderr)
+            return LEASE_ENDED
     return 128 - status if status < 0 else status
+
+
+def _ended_under(client: AgentClient, slice_id: str) -> str | None:
+    """Why the slice ended, if it did (its processes are ended with a lent slice)."""
+    try:
+        now = client.get(f"/v1/slices/{slice_id}")
+    except ClientError:
+        return None
+    if now.get("state") == "active":
+        return None
+    return str(now.get("end_reason") or now.get("state"))
 
 
 def _release_quietly(client: AgentClient, slice_id: str) -> None:

@@ -105,16 +105,22 @@ def resolve_socket(explicit: str | None) -> str:
 
 
 class AgentClient:
-    def __init__(self, socket_path: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, socket_path: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
+        #: Sent with every request (a slice token: ``xpuctl run --slice`` of a lent slice).
+        self.headers = dict(headers or {})
 
     def _open(
         self, method: str, path: str, body: Any, timeout: float | None
     ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
         conn = _UnixConnection(self.socket_path, self.timeout_s if timeout is None else timeout)
         payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = dict(self.headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()

@@ -9,7 +9,7 @@ from typing import Protocol
 from agent import placement
 from agent.core.caller import Caller
 from agent.errors import NotFound, Unavailable
-from agent.model import SliceRequest
+from agent.model import Lease, ProcessRef, SliceRequest
 
 #: The model filter, parsed once for every interface (``"A100|H100"`` -> a set).
 parse_models = placement.parse_models
@@ -63,6 +63,8 @@ class Peer:
     #: Spare host CPU and memory for slices, where the peer publishes them.
     cpu_free_milli: int | None = None
     host_memory_free_mib: int | None = None
+    #: Where the peer is reached to run a job on it (its ``node.address``; may be empty).
+    address: str = ""
 
     def has_model(self, models: frozenset[str]) -> bool:
         return any(model_matches(d.model, models) for d in self.devices)
@@ -79,18 +81,6 @@ class PlacedCandidate:
     local: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    lender: str
-    slice_id: str
-    device: str
-    memory_mib: int
-    compute_pct: int
-    expires_at: float | None
-    env: dict[str, str] = field(default_factory=dict)
-    owner_uid: int | None = None  # who borrowed it (on the borrowing node)
-
-
 class Pool(Protocol):
     def link(self) -> LinkState: ...
 
@@ -105,12 +95,17 @@ class Pool(Protocol):
         caller: Caller,
         request: SliceRequest,
         node: str | None,
+        holder: ProcessRef | None = None,
     ) -> Lease:
         """Borrow ``request`` (normalised; its ``ttl_s`` is the lease's) from ``node`` or the
-        best peer."""
+        best peer; ``holder``: return it when that process is gone."""
         ...
 
     def leases(self) -> Sequence[Lease]: ...
+
+    async def lease(self, slice_id: str) -> Lease | None:
+        """A lease held now or ended lately (``None``: never borrowed here)."""
+        ...
 
     async def give_back(self, caller: Caller, slice_id: str) -> Lease: ...
 
@@ -132,11 +127,15 @@ class StandalonePool:
         caller: Caller,
         request: SliceRequest,
         node: str | None,
+        holder: ProcessRef | None = None,
     ) -> Lease:
         raise Unavailable("no MQTT bus is configured (mqtt.url is empty): nothing to borrow from")
 
     def leases(self) -> Sequence[Lease]:
         return ()
+
+    async def lease(self, slice_id: str) -> Lease | None:
+        return None
 
     async def give_back(self, caller: Caller, slice_id: str) -> Lease:
         raise NotFound(f"no borrowed lease {slice_id!r}")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from agent.model import (
     DeviceSample,
     Event,
     Health,
+    Lease,
     ProcessRef,
     Slice,
     SliceRequest,
@@ -419,7 +421,7 @@ class NodeService:
         agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
         for slice_id in victims:
             borrower = self._live[slice_id].borrower
-            why = f"reclaimed from {borrower} for a local allocation"
+            why = "local demand"  # what the borrower is told (a notice carries it)
             with contextlib.suppress(NotFound):
                 await self.release(agent, slice_id, SliceState.RELEASED, why)
                 log.info("lent slice reclaimed", slice=slice_id, borrower=borrower)
@@ -497,11 +499,49 @@ class NodeService:
         before = self.clock() - self.config.slicing.history_s
         return await self._run(lambda: self._ledger.forget_history(before))
 
+    # -- leases borrowed from peers (the bus's borrower keeps them here) -----------------
+
+    async def keep_lease(self, lease: Lease) -> None:
+        await self._run(lambda: self._ledger.keep_lease(lease))
+
+    async def lease_renewed(self, slice_id: str, expires_at: float) -> None:
+        await self._run(lambda: self._ledger.lease_renewed(slice_id, expires_at))
+
+    async def end_lease(self, slice_id: str, state: str, reason: str) -> Lease | None:
+        now = self.clock()
+        return await self._run(lambda: self._ledger.end_lease(slice_id, state, reason, now))
+
+    async def leases(self, active_only: bool = True) -> list[Lease]:
+        return await self._run(lambda: self._ledger.leases(active_only))
+
+    async def lease(self, slice_id: str) -> Lease | None:
+        return await self._run(lambda: self._ledger.lease(slice_id))
+
     # -- binding --------------------------------------------------------------------------
 
-    async def bind(self, caller: Caller, slice_id: str, pid: int, how: str = "api") -> Slice:
+    async def process_of(self, caller: Caller) -> ProcessRef:
+        """The calling process itself (its pid from ``SO_PEERCRED``), start time included."""
+        return (await asyncio.to_thread(procs.inspect, caller.pid)).ref
+
+    @staticmethod
+    def holds_token(slice_: Slice, token: str | None) -> bool:
+        """Whether ``token`` is the slice's capability (constant-time)."""
+        return token is not None and secrets.compare_digest(slice_.token, token)
+
+    async def bind(
+        self,
+        caller: Caller,
+        slice_id: str,
+        pid: int,
+        how: str = "api",
+        token: str | None = None,
+    ) -> Slice:
+        """Bind ``pid`` (the caller's own process) to a slice of the caller's, or to any
+        slice whose token the caller presents: the token is how a job dispatched from a
+        borrower binds to the slice lent to it (it grants that slice alone)."""
         current = await self.get(slice_id)
-        require_owner(caller, current, "bind to")
+        if not self.holds_token(current, token):
+            require_owner(caller, current, "bind to")
         if current.state is not SliceState.ACTIVE:
             raise NotFound(f"slice {slice_id} is {current.state}")
         info = await asyncio.to_thread(procs.inspect, pid)

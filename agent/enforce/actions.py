@@ -335,6 +335,21 @@ def signal_once(ref: ProcessRef, signum: int, *, then_continue: bool = False) ->
         target.close()
 
 
+def terminate(ref: ProcessRef, signum: int) -> bool:
+    """Signal a verified process and the group it leads, then SIGCONT it (a process held
+    stopped must be able to act on a SIGTERM): ending the job of a lease that ended."""
+    target = Target.open(ref)
+    if target is None:
+        return False
+    try:
+        sent = target.signal_all(signum)
+        if sent and signum != signal.SIGKILL:
+            target.signal_all(signal.SIGCONT)
+        return sent
+    finally:
+        target.close()
+
+
 def resume_once(ref: ProcessRef) -> bool:
     """SIGCONT a verified process (and the group it leads): crash recovery."""
     target = Target.open(ref)

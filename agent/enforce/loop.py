@@ -14,11 +14,16 @@ Safety (DESIGN.md §5): a process is written to the stopped-process record
 So whatever
 ends the agent, the next start finds every process that may be stopped and resumes it
 (``recover()``). Releasing a slice, unbinding a process and a clean stop resume at once.
+
+A lent slice's job ends with its lease (``reconcile()``): when the slice ends — returned,
+expired, reclaimed for local demand, freed by an operator — its processes (and the groups
+they lead) get SIGTERM at once and SIGKILL after ``enforcement.grace_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import time
@@ -30,6 +35,7 @@ import structlog
 from agent.core.service import NodeService, SliceUsage
 from agent.enforce import actions, policy
 from agent.enforce.actions import Target
+from agent.errors import XpuError
 from agent.model import DeviceSample, ProcessRef, SliceState
 
 log = structlog.get_logger(__name__)
@@ -71,6 +77,12 @@ class Enforcer:
         self._cgroups = actions.CgroupTree.open(service.config.enforcement.cgroup_root)
         #: Slices whose cgroup carries host limits, and the processes moved into it.
         self._limited: dict[str, set[ProcessRef]] = {}
+        #: Live lent slices and their processes as last seen: their job ends with them.
+        self._lent: dict[str, tuple[ProcessRef, ...]] = {}
+        #: Processes of ended leases, sent SIGTERM: (slice, when SIGKILL follows).
+        self._ending: dict[ProcessRef, tuple[str, float]] = {}
+        #: Ended leases whose job was signalled, not yet recorded as an event.
+        self._ended: list[tuple[str, list[int]]] = []
         service.on_change(self.reconcile)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -117,6 +129,46 @@ class Enforcer:
             bound = set(slice_.processes)
             for ref in [r for r in held.members if r not in bound]:
                 self._let_go(slice_id, held, ref)
+        self._end_leased_jobs()
+
+    def _end_leased_jobs(self) -> None:
+        """A lent slice that left the live set ended: SIGTERM its processes now."""
+        live = self.service.live
+        lent = {s.id: s.processes for s in live.values() if s.borrower is not None}
+        deadline = self._clock() + self.service.config.enforcement.grace_s
+        for slice_id, refs in self._lent.items():
+            if slice_id in lent or not refs:
+                continue
+            signalled = [r for r in refs if actions.terminate(r, signal.SIGTERM)]
+            for ref in signalled:
+                self._ending[ref] = (slice_id, deadline)
+            if signalled:
+                self.signals_sent += len(signalled)
+                self._ended.append((slice_id, [r.pid for r in signalled]))
+                log.info("lease ended: its job too", slice=slice_id, pids=self._ended[-1][1])
+        self._lent = lent
+
+    async def _finish_leased_jobs(self) -> None:
+        """SIGKILL what is left of an ended lease's job after the grace; record each end."""
+        now = self._clock()
+        for ref, (slice_id, deadline) in list(self._ending.items()):
+            if not actions.matches(ref):
+                del self._ending[ref]
+            elif now >= deadline:
+                del self._ending[ref]
+                if actions.terminate(ref, signal.SIGKILL):
+                    self.signals_sent += 1
+                    log.warning(
+                        "lease's job outlived the grace: killed", slice=slice_id, pid=ref.pid
+                    )
+        while self._ended:
+            slice_id, pids = self._ended.pop(0)
+            reason = None
+            with contextlib.suppress(XpuError):
+                reason = (await self.service.get(slice_id)).end_reason
+            await self.service.record(
+                "enforce.lease_ended", {"pids": pids, "reason": reason, "signal": "TERM"}, slice_id
+            )
 
     # -- the sample step ------------------------------------------------------------------
 
@@ -160,6 +212,7 @@ class Enforcer:
         self._controllers = dict(plan.controllers)
         await self._apply(plan)
         await self._flush_unmarks()
+        await self._finish_leased_jobs()
 
     async def _act_memory(self, verdict: policy.MemoryVerdict) -> None:
         action = verdict.action

@@ -30,7 +30,7 @@ from agent.errors import (
     StorageFull,
     XpuError,
 )
-from agent.model import Event, ProcessRef, Slice, SliceRequest, SliceState
+from agent.model import Event, Lease, ProcessRef, Slice, SliceRequest, SliceState
 
 LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
 #: Written out, not bound: SQLite uses the partial index ``slices_live`` only when a query's
@@ -278,6 +278,7 @@ class Ledger:
             processes=processes,
             cpu_milli=row["cpu_milli"],
             host_memory_mib=row["host_memory_mib"],
+            end_reason=row["end_reason"],
         )
 
     def _slices(self, where: str, params: Iterable[object]) -> list[Slice]:
@@ -484,8 +485,8 @@ class Ledger:
             if row[0] not in LIVE_STATES:
                 raise Conflict(f"slice {slice_id!r} is already {row[0]}", state=row[0])
             db.execute(
-                "UPDATE slices SET state = ?, ended_at = ? WHERE id = ?",
-                (state.value, now, slice_id),
+                "UPDATE slices SET state = ?, ended_at = ?, end_reason = ? WHERE id = ?",
+                (state.value, now, reason, slice_id),
             )
             db.execute("DELETE FROM bindings WHERE slice_id = ?", (slice_id,))
             kind = {SliceState.RELEASED: "slice.released", SliceState.EXPIRED: "slice.expired"}
@@ -597,4 +598,89 @@ class Ledger:
                 "DELETE FROM slices WHERE state NOT IN (?, ?) AND ended_at < ?",
                 (*LIVE_STATES, before),
             )
+            db.execute("DELETE FROM leases WHERE state != 'active' AND ended_at < ?", (before,))
             return cur.rowcount
+
+    # -- leases borrowed from peers -------------------------------------------------------
+
+    @staticmethod
+    def _row_to_lease(row: sqlite3.Row) -> Lease:
+        return Lease(
+            lender=row["lender"],
+            slice_id=row["slice_id"],
+            device=row["device"],
+            memory_mib=row["memory_mib"],
+            compute_pct=row["compute_pct"],
+            expires_at=row["expires_at"],
+            env=json.loads(row["env"]),
+            owner_uid=row["owner_uid"],
+            address=row["address"],
+            token=row["token"],
+            ttl_s=row["ttl_s"],
+            state=row["state"],
+            reason=row["reason"],
+            created_at=row["created_at"],
+            ended_at=row["ended_at"],
+            holder=None
+            if row["holder_pid"] is None
+            else ProcessRef(row["holder_pid"], row["holder_start"]),
+        )
+
+    def keep_lease(self, lease: Lease) -> None:
+        """Record a lease just granted (a retried grant of the same slice replaces it)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO leases (slice_id, lender, address, device, memory_mib,"
+                " compute_pct, owner_uid, token, env, ttl_s, expires_at, state, reason,"
+                " created_at, ended_at, holder_pid, holder_start)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lease.slice_id,
+                    lease.lender,
+                    lease.address,
+                    lease.device,
+                    lease.memory_mib,
+                    lease.compute_pct,
+                    lease.owner_uid,
+                    lease.token,
+                    json.dumps(dict(lease.env), sort_keys=True),
+                    lease.ttl_s,
+                    lease.expires_at,
+                    lease.state,
+                    lease.reason,
+                    lease.created_at,
+                    lease.ended_at,
+                    lease.holder.pid if lease.holder else None,
+                    lease.holder.start_time if lease.holder else None,
+                ),
+            )
+
+    def lease_renewed(self, slice_id: str, expires_at: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE leases SET expires_at = ? WHERE slice_id = ? AND state = 'active'",
+                (expires_at, slice_id),
+            )
+
+    def end_lease(self, slice_id: str, state: str, reason: str, now: float) -> Lease | None:
+        """An active lease ends (``None``: it had ended already, or was never held)."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE leases SET state = ?, reason = ?, ended_at = ?"
+                " WHERE slice_id = ? AND state = 'active'",
+                (state, reason, now, slice_id),
+            )
+            if not cur.rowcount:
+                return None
+        return self.lease(slice_id)
+
+    def lease(self, slice_id: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE slice_id = ?", (slice_id,)).fetchone()
+        return None if row is None else self._row_to_lease(row)
+
+    def leases(self, active_only: bool = True) -> list[Lease]:
+        where = "WHERE state = 'active'" if active_only else ""
+        rows = self._db.execute(
+            f"SELECT * FROM leases {where} ORDER BY created_at, slice_id"  # noqa: S608
+        ).fetchall()
+        return [self._row_to_lease(r) for r in rows]
