@@ -108,6 +108,9 @@ class Slice:
     host_memory_mib: int = 0
     #: Why it ended (``None`` while live): the borrower of a lent slice is told this.
     end_reason: str | None = None
+    #: Lent out of this idle ``lend=true`` slice's share (not the card's free capacity);
+    #: reclaimed as soon as that slice's owner uses it again.
+    lent_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,8 @@ class SliceRequest:
     #: Host CPU (milli-CPUs) and memory (MiB) the job needs besides its card share.
     cpu_milli: int = 0
     host_memory_mib: int = 0
+    #: Take the capacity of this idle ``lend=true`` slice (a lender's borrow request).
+    lent_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

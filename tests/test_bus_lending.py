@@ -4,6 +4,7 @@ allocation; the borrower going away."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -199,3 +200,40 @@ def test_a_dead_borrowers_leases_lapse_after_the_grace(
     print(f"lent slice lapsed {time.monotonic() - started:.2f}s after the borrower died")
     assert "lease cut to the grace" in b.log()
     assert lender_slice(b, lease["slice_id"])["end_reason"] == "ttl lapsed"
+
+
+def test_an_idle_lend_true_slice_is_lent_and_taken_back_when_its_owner_returns(
+    broker: Mosquitto, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    a, b = pair(broker, agent_factory, lender_pool="idle_after_s = 1")
+    own = json_out(
+        b.xpuctl("--json", "alloc", "--memory", "60GiB", "--compute", "80", "--label", "lend=true")
+    )
+    # The card has 20 GiB / 20 % free: 40 GiB / 50 % fits only in the idle slice's share,
+    # and only once it has been idle for pool.idle_after_s.
+    early = a.xpuctl("borrow", "--memory", "40GiB", "--compute", "50", "--node", "b")
+    assert early.returncode == 5, early.stderr
+    time.sleep(1.5)
+    lease = json_out(
+        a.xpuctl("--json", "borrow", "--memory", "40GiB", "--compute", "50", "--node", "b")
+    )
+    lent = lender_slice(b, lease["slice_id"])
+    assert lent["labels"] == {"lent-to": "a", "lent-from": own["id"]}
+    # Lent out of the share, not the card: the card's allocation is the owner's alone.
+    card = b.api("GET", "/v1/devices")[1][0]
+    assert (card["allocated_memory_mib"], card["allocated_compute_pct"]) == (60 * 1024, 80)
+    # The owner binds a process: the lent part ends at once, the borrower is told why.
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        b.xpuctl("attach", own["id"], "--pid", str(sleeper.pid)).check_returncode()
+        ended = lender_slice(b, lease["slice_id"])
+        assert ended["state"] == "released"
+        assert ended["end_reason"] == f"the owner of {own['id']} is back"
+        wait_for(lambda: json_out(a.xpuctl("--json", "leases")) == [], 5)
+        status, after, _ = a.api("GET", f"/v1/pool/leases/{lease['slice_id']}")
+        assert status == 200 and after["state"] == "reclaimed"
+        assert after["reason"] == f"the owner of {own['id']} is back"
+        assert lender_slice(b, own["id"])["state"] == "active"
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -51,26 +51,31 @@ def pool_pair(
     agent_factory: Callable[..., AgentProcess],
     lender_pool: str = "",
     borrower_pool: str = "",
+    api: str = "",
 ) -> tuple[AgentProcess, AgentProcess]:
     """Borrower ``a`` (one small card) and lender ``b`` (one 80 GiB card), reached over
-    the test's sshd."""
+    the test's sshd; ``api``: an ``[api]`` section for both (their directories are then
+    open to other users: the socket's own mode decides)."""
     root = topic_root()
     launcher = json.dumps(sshd.launcher())
+    borrower = f'launcher = {launcher}\nremote_xpuctl = "{XPUCTL}"\n{borrower_pool}'
     a = agent_factory(
         node="a",
         mock_devices=SMALL,
-        config=mqtt_config(
-            broker,
-            root,
-            "a",
-            pool=f'launcher = {launcher}\nremote_xpuctl = "{XPUCTL}"\n{borrower_pool}',
-        ),
+        start=False,
+        config=mqtt_config(broker, root, "a", pool=borrower) + api,
     )
     b = agent_factory(
         node="b",
         mock_devices=BIG,
-        config=mqtt_config(broker, root, "b", node_extra='address = "127.0.0.1"', pool=lender_pool),
+        start=False,
+        config=mqtt_config(broker, root, "b", node_extra='address = "127.0.0.1"', pool=lender_pool)
+        + api,
     )
+    for agent in (a, b):
+        if api:
+            os.chmod(agent.dir, 0o755)
+        agent.start()
 
     def placeable(agent: AgentProcess) -> set[str]:
         return {p["node"] for p in agent.api("GET", "/v1/pool")[1] if p["placeable"]}
@@ -185,7 +190,7 @@ def test_ctrl_c_ends_the_remote_job_and_returns_the_lease(
     print(f"xpuctl ended {time.monotonic() - started:.2f}s after SIGINT")
     assert proc.returncode == 130, err
     wait_for(lambda: not alive(pid), 5)
-    status, ended, _ = b.api("GET", f"/v1/slices/{job['id']}")
+    _, ended, _ = b.api("GET", f"/v1/slices/{job['id']}")
     assert ended["state"] == "released" and ended["end_reason"] == "returned by a"
     assert lent(b) == []
 
@@ -267,3 +272,70 @@ def test_best_card_local_runs_locally(
     assert proc.returncode == 0, err
     assert out.strip() == a.api("GET", "/v1/devices")[1][0]["id"]
     assert lent(b) == []
+
+
+def _as(
+    user_uid: int, agent: AgentProcess, *args: str, token: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """xpuctl as ``user_uid`` (with its groups), optionally holding a slice token."""
+    import pwd
+
+    env = {**agent_env(), "PYTHONPATH": str(REPO)}
+    if token:
+        env["XPU_SLICE_TOKEN"] = token
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user_uid}",
+            f"--regid={pwd.getpwuid(user_uid).pw_gid}",
+            "--init-groups",
+            sys.executable,
+            "-m",
+            "agent.cli.xpuctl",
+            "--socket",
+            str(agent.socket),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/tmp",
+        env=env,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become users")
+def test_the_token_is_a_capability_for_its_slice_alone(
+    broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    from tests.test_authz import GROUP, ensure_group, ensure_user
+
+    ensure_group(GROUP)
+    bob = ensure_user("xa-bob", [GROUP]).uid
+    a, b = pool_pair(broker, sshd, agent_factory, api=f'[api]\nsocket_group = "{GROUP}"\n')
+    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    job = bound_job(b)
+    token = job["env"]["XPU_SLICE_TOKEN"]
+    other = json_out(b.xpuctl("--json", "alloc", "--memory", "1GiB", "--compute", "10"))
+
+    def bob_runs(slice_id: str, with_token: str) -> int:
+        result = _as(bob, b, "run", "--slice", slice_id, "--", "echo", "ran", token=with_token)
+        assert "ran" not in result.stdout, result.stderr
+        return result.returncode
+
+    # No token, a wrong one, or the right one for another slice: nothing binds or runs.
+    assert bob_runs(job["id"], "") == 3
+    assert bob_runs(job["id"], "not-the-token") == 3
+    assert bob_runs(other["id"], token) == 3
+    assert len(b.api("GET", f"/v1/slices/{job['id']}")[1]["processes"]) == 1
+    assert b.api("GET", f"/v1/slices/{other['id']}")[1]["processes"] == []
+    # On the borrower, another user sees the lease but not its environment (the token).
+    leases = json_out(_as(bob, a, "--json", "leases"))
+    assert [x["slice_id"] for x in leases] == [job["id"]] and leases[0]["env"] == {}
+    status, seen, _ = a.api("GET", f"/v1/pool/leases/{job['id']}")
+    assert status == 200 and seen["env"]["XPU_SLICE_TOKEN"] == token  # root: an admin
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    # Once the lease has ended its token is stale: it binds nothing either.
+    assert bob_runs(job["id"], token) == 3

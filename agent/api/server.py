@@ -235,8 +235,15 @@ async def post_slices(request: web.Request) -> web.Response:
 TOKEN_HEADER = SLICE_TOKEN_HEADER
 
 
+#: A slice token is 32 characters; the header is refused (400) beyond this.
+TOKEN_MAX = 128
+
+
 def _token(request: web.Request) -> str | None:
-    return request.headers.get(TOKEN_HEADER) or None
+    token = request.headers.get(TOKEN_HEADER) or None
+    if token is not None and len(token) > TOKEN_MAX:
+        raise BadRequest(f"{TOKEN_HEADER} must be at most {TOKEN_MAX} characters")
+    return token
 
 
 async def get_slice(request: web.Request) -> web.Response:
@@ -416,7 +423,9 @@ async def get_metrics(request: web.Request) -> web.Response:
 _WRITE = (400, 403, 404, 409, 413, 503, 507)
 _ID = Param("id", "path", {"type": "string", "minLength": 1, "maxLength": 128})
 _PID = Param("pid", "path", {"type": "integer", "minimum": 1, "maximum": 2**22})
-_TOKEN = Param(TOKEN_HEADER, "header", {"type": "string", "maxLength": 128}, "the slice's token")
+_TOKEN = Param(
+    TOKEN_HEADER, "header", {"type": "string", "maxLength": TOKEN_MAX}, "the slice's token"
+)
 _FLAG = {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}
 
 ROUTES: tuple[Route, ...] = (
@@ -463,7 +472,7 @@ ROUTES: tuple[Route, ...] = (
         get_slice,
         "One slice (its environment to its owner, or with the slice's token)",
         response=schema.SliceView,
-        errors=(404,),
+        errors=(400, 404),
         params=(_ID, _TOKEN),
     ),
     Route(

@@ -44,7 +44,7 @@ from agent.bus.origin import Origin
 from agent.bus.topics import NOTICE, Topics
 from agent.core import procs
 from agent.core.caller import Caller
-from agent.core.pool import Peer, parse_models
+from agent.core.pool import Peer, model_matches, parse_models
 from agent.core.service import NodeService
 from agent.errors import (
     BadRequest,
@@ -156,7 +156,7 @@ class FairInbox:
         self._size = 0
 
     def put(self, requester: str, item: _Job | _Urgent) -> bool:
-        if not isinstance(item, _Job):
+        if isinstance(item, _Reclaim | _Ended):
             self._urgent.append(item)
             self._ready.set()
             return True
@@ -332,22 +332,25 @@ class Lender:
                 f"{self.origin.node} lends only to peers it knows to be online; "
                 f"{request.node} is not one (yet)"
             )
-        slice_, created = await self.service.allocate(
-            system_caller(),
-            SliceRequest(
-                memory_mib=request.memory_mib,
-                compute_pct=request.compute_pct,
-                owner_uid=os.getuid(),
-                models=parse_models(request.model),
-                cpu_milli=request.cpu_milli,
-                host_memory_mib=request.host_memory_mib,
-                ttl_s=self._lease_ttl_s(request.ttl_s),
-                labels={"lent-to": request.node},
-                borrower=request.node,
-                # A retried request (same id) gets the same slice, not a second one.
-                request_id=f"lend:{request.node}:{request.request_id}",
-            ),
+        wanted = SliceRequest(
+            memory_mib=request.memory_mib,
+            compute_pct=request.compute_pct,
+            owner_uid=os.getuid(),
+            models=parse_models(request.model),
+            cpu_milli=request.cpu_milli,
+            host_memory_mib=request.host_memory_mib,
+            ttl_s=self._lease_ttl_s(request.ttl_s),
+            labels={"lent-to": request.node},
+            borrower=request.node,
+            # A retried request (same id) gets the same slice, not a second one.
+            request_id=f"lend:{request.node}:{request.request_id}",
         )
+        try:
+            slice_, created = await self.service.allocate(system_caller(), wanted)
+        except DoesNotFit as exc:
+            if "short" in exc.extra:
+                raise
+            slice_, created = await self._lend_from_idle(wanted, exc)
         log.info(
             "lent a slice",
             slice=slice_.id,
@@ -356,6 +359,30 @@ class Lender:
             created=created,
         )
         return self._reply(request, 201 if created else 200, lease=self._grant(slice_))
+
+    async def _lend_from_idle(
+        self, wanted: SliceRequest, refused: DoesNotFit
+    ) -> tuple[Slice, bool]:
+        """No free card has room: lend out of an idle ``lend=true`` slice's share instead
+        (reclaimed the moment its owner binds a process to it again)."""
+        devices = self.service.inventory.devices
+        for idle, memory_left, compute_left in self.service.idle_lendable():
+            device = devices.get(idle.device)
+            if device is None or memory_left < wanted.memory_mib:
+                continue
+            if compute_left < wanted.compute_pct:
+                continue
+            if wanted.models and not model_matches(device.model, wanted.models):
+                continue
+            labels = dict(wanted.labels) | {"lent-from": idle.id}
+            try:
+                return await self.service.allocate(
+                    system_caller(),
+                    replace(wanted, device=idle.device, lent_from=idle.id, labels=labels),
+                )
+            except DoesNotFit:
+                continue
+        raise refused
 
     def _held_by(self, slice_id: str, node: str, token: str) -> Slice:
         slice_ = self.service.live.get(slice_id)
@@ -619,6 +646,17 @@ class Borrower:
         else:
             ranked = self.service.place(wanted, [p for p in known if p.lends], 100, local=False)
             lenders = list(dict.fromkeys(c.node for c in ranked))
+            # Then peers whose lendable capacity (idle lend=true slices) covers it.
+            lenders += [
+                p.node
+                for p in known
+                if p.placeable
+                and p.lends
+                and p.node not in lenders
+                and p.lendable_memory_mib >= wanted.memory_mib
+                and p.lendable_compute_pct >= wanted.compute_pct
+                and (not wanted.models or p.has_model(wanted.models))
+            ]
             if not lenders:
                 on = f" on a {'|'.join(sorted(wanted.models))} card" if wanted.models else ""
                 raise DoesNotFit(

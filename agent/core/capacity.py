@@ -22,11 +22,12 @@ class CardUse:
 
     @property
     def memory_allocated_mib(self) -> int:
-        return sum(s.memory_mib for s in self.slices)
+        # A slice lent out of an idle slice's share holds none of the card's.
+        return sum(s.memory_mib for s in self.slices if s.lent_from is None)
 
     @property
     def compute_allocated_pct(self) -> int:
-        return sum(s.compute_pct for s in self.slices)
+        return sum(s.compute_pct for s in self.slices if s.lent_from is None)
 
     @property
     def memory_free_mib(self) -> int:

@@ -305,19 +305,41 @@ class NodeService:
         return totals(self.card_uses())
 
     def lendable(self) -> Totals:
-        """Lendable now: unallocated capacity plus slices idle beyond ``pool.idle_after_s``
-        whose owners allow lending (label ``lend=true``). Slots are the free ones only."""
+        """Lendable now: unallocated capacity plus what is left of the idle ``lend=true``
+        slices (:meth:`idle_lendable`). Slots are the free ones only."""
         capacity, allocated = self.totals()
         memory = capacity.memory_mib - allocated.memory_mib
         compute = capacity.compute_pct - allocated.compute_pct
-        horizon = self.clock() - self.config.pool.idle_after_s
-        for s in self._live.values():
-            usage = self.usage.get(s.id)
-            idle = usage is not None and (usage.last_active_at or 0) < horizon
-            if idle and s.labels.get("lend") == "true" and s.borrower is None:
-                memory += s.memory_mib
-                compute += s.compute_pct
+        for _, memory_left, compute_left in self.idle_lendable():
+            memory += memory_left
+            compute += compute_left
         return Totals(memory, compute, capacity.slices - allocated.slices)
+
+    def idle_lendable(self) -> list[tuple[Slice, int, int]]:
+        """Slices whose owner allows lending (label ``lend=true``) that are idle — no bound
+        process, and no activity sampled for ``pool.idle_after_s`` — with the memory and
+        compute of their share not yet lent out of them, least used first."""
+        horizon = self.clock() - self.config.pool.idle_after_s
+        taken: dict[str, list[int]] = {}
+        for s in self._live.values():
+            if s.lent_from is not None:
+                acc = taken.setdefault(s.lent_from, [0, 0])
+                acc[0] += s.memory_mib
+                acc[1] += s.compute_pct
+        found = []
+        for s in self._live.values():
+            if s.labels.get("lend") != "true" or s.borrower is not None or s.lent_from:
+                continue
+            if s.state is not SliceState.ACTIVE or s.processes:
+                continue
+            usage = self.usage.get(s.id)
+            last = usage.last_active_at if usage and usage.last_active_at else s.created_at
+            if last >= horizon:
+                continue
+            memory, compute = taken.get(s.id, [0, 0])
+            if memory < s.memory_mib and compute < s.compute_pct:
+                found.append((s, s.memory_mib - memory, s.compute_pct - compute))
+        return sorted(found, key=lambda f: (-f[1], -f[2], f[0].id))
 
     # -- allocation -----------------------------------------------------------------------
 
@@ -349,6 +371,8 @@ class NodeService:
         def choose() -> list[str]:
             """Cards to try, best first: ranked here on the loop (the placer has one owner);
             the ledger re-checks capacity, so a card taken meanwhile is only skipped."""
+            if request.lent_from is not None and request.device is not None:
+                return [request.device]  # an idle slice's share: the ledger checks that
             pool = [c for c in self.card_states() if request.device in (None, c.id)]
             here = self.node_state(pool)
             ranked = self.placer.rank_cards(here, wanted)
@@ -557,7 +581,20 @@ class NodeService:
 
         event, live = await self._run(work)
         self._apply(live, [event])
+        await self._reclaim_share(slice_id)
         return self._live[slice_id]
+
+    async def _reclaim_share(self, slice_id: str) -> None:
+        """The owner of an idle ``lend=true`` slice uses it again: what was lent out of it
+        ends at once (its jobs are ended by the enforcer; the borrowers are told)."""
+        lent = [s.id for s in self._live.values() if s.lent_from == slice_id]
+        agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
+        for lent_id in lent:
+            with contextlib.suppress(NotFound):
+                await self.release(
+                    agent, lent_id, SliceState.RELEASED, f"the owner of {slice_id} is back"
+                )
+                log.info("lent share reclaimed", slice=lent_id, owner_slice=slice_id)
 
     async def unbind(self, caller: Caller, slice_id: str, pid: int) -> Slice:
         current = await self.get(slice_id)

@@ -279,6 +279,7 @@ class Ledger:
             cpu_milli=row["cpu_milli"],
             host_memory_mib=row["host_memory_mib"],
             end_reason=row["end_reason"],
+            lent_from=row["lent_from"],
         )
 
     def _slices(self, where: str, params: Iterable[object]) -> list[Slice]:
@@ -314,8 +315,9 @@ class Ledger:
     def usage(self) -> dict[str, Usage]:
         usage: dict[str, Usage] = {}
         for row in self._db.execute(
-            "SELECT device, SUM(memory_mib), SUM(compute_pct), COUNT(*) FROM slices "  # noqa: S608
-            f"WHERE {LIVE_SQL} GROUP BY device",
+            "SELECT device, COALESCE(SUM(CASE WHEN lent_from IS NULL THEN memory_mib END), 0),"  # noqa: S608
+            " COALESCE(SUM(CASE WHEN lent_from IS NULL THEN compute_pct END), 0), COUNT(*)"
+            f" FROM slices WHERE {LIVE_SQL} GROUP BY device",
         ):
             usage[row[0]] = Usage(int(row[1]), int(row[2]), int(row[3]))
         return usage
@@ -389,13 +391,17 @@ class Ledger:
                     )
                 if row is not None:
                     return self._slices("id = ?", (row[0],))[0], None
+            # Slices lent out of another slice's share take none of the card's.
             used = db.execute(
-                "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(compute_pct), 0), COUNT(*) "  # noqa: S608
-                f"FROM slices WHERE device = ? AND {LIVE_SQL}",
+                "SELECT COALESCE(SUM(CASE WHEN lent_from IS NULL THEN memory_mib END), 0),"  # noqa: S608
+                " COALESCE(SUM(CASE WHEN lent_from IS NULL THEN compute_pct END), 0), COUNT(*)"
+                f" FROM slices WHERE device = ? AND {LIVE_SQL}",
                 (device,),
             ).fetchone()
             memory_free = capacity.memory_mib - used[0]
             compute_free = capacity.compute_pct - used[1]
+            if request.lent_from is not None:
+                memory_free, compute_free = self._share_free(db, device, request.lent_from)
             if (
                 used[2] >= capacity.max_slices
                 or request.memory_mib > memory_free
@@ -415,8 +421,8 @@ class Ledger:
             db.execute(
                 "INSERT INTO slices (id, device, memory_mib, compute_pct, owner_uid, state,"
                 " created_at, token, labels, priority, expires_at, borrower, request_id,"
-                " cpu_milli, host_memory_mib)"
-                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " cpu_milli, host_memory_mib, lent_from)"
+                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     slice_id,
                     device,
@@ -432,6 +438,7 @@ class Ledger:
                     request.request_id,
                     request.cpu_milli,
                     request.host_memory_mib,
+                    request.lent_from,
                 ),
             )
             data: dict[str, object] = {
@@ -443,8 +450,26 @@ class Ledger:
             }
             if request.cpu_milli or request.host_memory_mib:
                 data |= {"cpu_milli": request.cpu_milli, "host_memory_mib": request.host_memory_mib}
+            if request.lent_from is not None:
+                data["lent_from"] = request.lent_from
             event = self._event(db, "slice.allocated", slice_id, data)
         return self.get(slice_id), event
+
+    @staticmethod
+    def _share_free(db: sqlite3.Connection, device: str, host_id: str) -> tuple[int, int]:
+        """What an idle slice's share still has for slices lent out of it."""
+        host = db.execute(
+            "SELECT memory_mib, compute_pct, device, state, lent_from FROM slices WHERE id = ?",
+            (host_id,),
+        ).fetchone()
+        if host is None or host[2] != device or host[3] != "active" or host[4] is not None:
+            raise DoesNotFit(f"slice {host_id} is not an active slice on {device} to lend from")
+        taken = db.execute(
+            "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(compute_pct), 0) FROM slices"  # noqa: S608
+            f" WHERE lent_from = ? AND {LIVE_SQL}",
+            (host_id,),
+        ).fetchone()
+        return host[0] - taken[0], host[1] - taken[1]
 
     def host_used(self) -> tuple[int, int]:
         """Host CPU (milli) and memory (MiB) the live slices hold."""

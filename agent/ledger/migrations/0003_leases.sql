@@ -1,6 +1,9 @@
--- Schema version 3: why a slice ended (a lent slice's borrower is told), and the leases
--- this node borrowed from peers (renewed again after a restart, kept a while once ended).
+-- Schema version 3: why a slice ended (a lent slice's borrower is told), slices lent out of
+-- an idle slice's share, and the leases this node borrowed from peers (renewed again after
+-- a restart, kept a while once ended).
 ALTER TABLE slices ADD COLUMN end_reason TEXT;
+-- A slice lent out of an idle `lend=true` slice takes that slice's share, not the card's.
+ALTER TABLE slices ADD COLUMN lent_from TEXT;
 
 CREATE TABLE leases (
     slice_id     TEXT PRIMARY KEY,
