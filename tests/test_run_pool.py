@@ -339,3 +339,59 @@ def test_the_token_is_a_capability_for_its_slice_alone(
     proc.communicate(timeout=20)
     # Once the lease has ended its token is stale: it binds nothing either.
     assert bob_runs(job["id"], token) == 3
+
+
+def test_a_killed_xpuctl_leaves_no_lease_behind(
+    broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    # The lease follows its holder: with xpuctl gone (kill -9: no chance to return it),
+    # the borrower's agent returns it, and the lender ends the job.
+    a, b = pool_pair(broker, sshd, agent_factory)
+    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    job = bound_job(b)
+    pid = job["processes"][0]["pid"]
+    proc.kill()
+    proc.communicate(timeout=10)
+    wait_for(lambda: not alive(pid), 10)
+    ended = b.api("GET", f"/v1/slices/{job['id']}")[1]
+    assert ended["state"] == "released" and ended["end_reason"] == "returned by a"
+    status, lease, _ = a.api("GET", f"/v1/pool/leases/{job['id']}")
+    assert status == 200 and lease["state"] == "returned"
+    assert lease["reason"].startswith(f"its holder (pid {proc.pid}) is gone")
+
+
+def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(
+    broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    a, b = pool_pair(broker, sshd, agent_factory)
+    b.stop()
+    with open(b.config_path, "a") as config:
+        config.write("\n[enforcement]\ngrace_s = 1.5\n")
+    b.start()
+    wait_for(
+        lambda: [p["node"] for p in a.api("GET", "/v1/pool")[1] if p["placeable"]] == ["b"], 10
+    )
+    # SIGTERM ignored by the shell and (inherited) by its sleep.
+    proc = run_pool(
+        a,
+        "--pool",
+        "--memory",
+        "40GiB",
+        "--compute",
+        "30",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; sleep 120",
+    )
+    job = bound_job(b)
+    pid = job["processes"][0]["pid"]
+    started = time.monotonic()
+    b.xpuctl("free", job["id"]).check_returncode()  # an operator ends the lease
+    wait_for(lambda: not alive(pid), 10)
+    took = time.monotonic() - started
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 75, err
+    assert f"lease {job['id']} reclaimed by b: released by root" in err
+    assert 1.5 <= took < 5, took  # not at SIGTERM, but at the grace's end
+    assert "outlived the grace: killed" in b.log()

@@ -193,6 +193,7 @@ def _peer(node: str, models: list[str], state: str = "online") -> dict[str, obje
         "lendable_memory_mib": 4096,
         "lendable_compute_pct": 20,
         "lends": True,
+        "address": f"{node}.cluster.example",
     }
 
 
@@ -210,6 +211,12 @@ def test_pool_table_summarises_each_peer_on_one_line() -> None:
     assert lines[2].split()[1] == "stale*" and "not placeable" in lines[-1]
     wide = render.pool_text(peers, None, wide=True).splitlines()
     assert len(wide) == 2 + 10  # one line per card
+    # --wide names where each peer is reached (run --pool's launcher {address}).
+    assert wide[0].split()[-1] == "ADDRESS"
+    assert [line.split()[-1] for line in wide if line.startswith(("a ", "b "))] == [
+        "a.cluster.example",
+        "b.cluster.example",
+    ]
     assert render.filter_peers(peers, "h100|V100", None) == [peers[0]]
     assert render.filter_peers(peers, None, "online|offline") == [peers[0]]
 

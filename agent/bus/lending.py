@@ -789,7 +789,7 @@ class Borrower:
         killed, say, before it could return them — are returned, not renewed forever."""
         for slice_id, held in list(self.held.items()):
             holder = held.lease.holder
-            if holder is None or procs.still_same(holder) or not self._connected():
+            if holder is None or procs.running(holder) or not self._connected():
                 continue
             agent = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), admin=True)
             with contextlib.suppress(XpuError):

@@ -388,10 +388,17 @@ def _pool_cards(peers: list[dict[str, Any]]) -> str:
     for p in peers:
         first = True
         for d in p["devices"] or [None]:
-            peer_cells = (p["node"], _state(p), f"{p['age_s']:.1f}s") if first else ("", "", "")
+            address = p.get("address") or "-"
+            peer_cells = (
+                (p["node"], _state(p), f"{p['age_s']:.1f}s", address)
+                if first
+                else ("", "", "", "")
+            )
             first = False
             if d is None:
-                rows.append((*peer_cells[:2], "-", "-", "-", "-", "-", "-", peer_cells[2]))
+                rows.append(
+                    (*peer_cells[:2], "-", "-", "-", "-", "-", "-", peer_cells[2], peer_cells[3])
+                )
                 continue
             rows.append(
                 (
@@ -403,6 +410,7 @@ def _pool_cards(peers: list[dict[str, Any]]) -> str:
                     f"{d['compute_free_pct']}%",
                     d["slices"],
                     peer_cells[2],
+                    peer_cells[3],
                 )
             )
     headers = (
@@ -415,6 +423,7 @@ def _pool_cards(peers: list[dict[str, Any]]) -> str:
         "FREE COMPUTE",
         "SLICES",
         "AGE",
+        "ADDRESS",
     )
     return table(headers, rows)
 

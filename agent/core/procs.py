@@ -35,6 +35,17 @@ def still_same(ref: ProcessRef) -> bool:
         return False
 
 
+def running(ref: ProcessRef) -> bool:
+    """``still_same``, and not a zombie (exited, its parent has not reaped it yet)."""
+    try:
+        proc = psutil.Process(ref.pid)
+        with proc.oneshot():
+            same = abs(proc.create_time() - ref.start_time) < 0.01
+            return same and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def slice_credentials(pid: int) -> tuple[str, str] | None:
     """The (XPU_SLICE_ID, XPU_SLICE_TOKEN) pair in a process's environment, if any."""
     try:
