@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         ("startup", ["benchmarks.startup", "--json", "--runs", "40" if full else "15"]),
         *_placement(args.data, full),
     ]
+    runs.append(
+        (
+            "run-pool",
+            ["benchmarks.run_pool", "--json", "--rounds", "20" if full else "5"]
+            + ([] if full else ["--reclaims", "3"]),
+        )
+    )
     if full:
         runs.append(("mqtt-latency", ["benchmarks.mqtt_latency", "--json"]))
         runs.append(("attack", ["benchmarks.attack", "--json"]))

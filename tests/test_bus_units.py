@@ -377,7 +377,7 @@ def test_preemption_takes_as_many_as_needed() -> None:
 
 
 def test_fair_inbox_bounds_each_requester_and_serves_them_in_turn() -> None:
-    from agent.bus.lending import FairInbox
+    from agent.bus.inbox import FairInbox
 
     now = [0.0]
 

@@ -11,9 +11,11 @@ import structlog
 
 from agent.bus import guard as reasons
 from agent.bus import payloads
+from agent.bus.borrower import Borrower
 from agent.bus.connection import Connection, Outgoing, property_of
 from agent.bus.guard import Guard
-from agent.bus.lending import CLOCK_SKEW_S, Borrower, Lender
+from agent.bus.lender import Lender
+from agent.bus.lending import CLOCK_SKEW_S
 from agent.bus.origin import Origin
 from agent.bus.pool import MqttPool, PeerTable, Transition
 from agent.bus.publisher import Publisher

@@ -24,8 +24,8 @@ from agent.core.pool import LinkState, Peer, PeerDevice
 from agent.model import Lease, ProcessRef, SliceRequest
 
 if TYPE_CHECKING:
+    from agent.bus.borrower import Borrower
     from agent.bus.connection import Connection
-    from agent.bus.lending import Borrower
 
 #: How long past ``peer_ttl_s`` a silent or offline peer stays listed (as a multiple).
 FORGET_AFTER_TTLS = 3.0

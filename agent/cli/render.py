@@ -390,9 +390,7 @@ def _pool_cards(peers: list[dict[str, Any]]) -> str:
         for d in p["devices"] or [None]:
             address = p.get("address") or "-"
             peer_cells = (
-                (p["node"], _state(p), f"{p['age_s']:.1f}s", address)
-                if first
-                else ("", "", "", "")
+                (p["node"], _state(p), f"{p['age_s']:.1f}s", address) if first else ("", "", "", "")
             )
             first = False
             if d is None:

@@ -438,7 +438,7 @@ class NodeService:
 
     async def _reclaim_lent(self, request: SliceRequest, wanted: placement.Request) -> bool:
         """End the lent slices (lowest priority first) that make ``request`` fit; False
-        when reclaiming cannot help. The lender tells the borrowers (agent.bus.lending)."""
+        when reclaiming cannot help. The lender tells the borrowers (agent.bus.lender)."""
         victims = preempt.plan(
             self.node_state(), self._live.values(), wanted, self.placer, request.device
         )
