@@ -108,6 +108,12 @@ class HostConfig(_Section):
     reserved_memory: str | int = "2GiB"
 
 
+class NvidiaEnforcementConfig(_Section):
+    #: HAMi-core's ``libvgpu.so``: ``xpuctl run`` then puts it in ``LD_PRELOAD`` itself, and
+    #: allocations beyond the slice fail inside the process (empty: not used).
+    hami_core: str = ""
+
+
 class EnforcementConfig(_Section):
     interval_ms: int = 500
     memory_action: Literal["report", "term", "kill"] = "term"
@@ -116,6 +122,7 @@ class EnforcementConfig(_Section):
     unsliced: Literal["report", "kill"] = "report"
     #: A cgroup v2 directory delegated to the agent; empty: stop processes with signals only.
     cgroup_root: str = ""
+    nvidia: NvidiaEnforcementConfig = msgspec.field(default_factory=NvidiaEnforcementConfig)
 
 
 class MqttConfig(_Section):
@@ -232,6 +239,11 @@ def _check(config: Config) -> None:
         raise ConfigError("enforcement.grace_s", "must not be negative")
     if config.enforcement.cgroup_root and not config.enforcement.cgroup_root.startswith("/"):
         raise ConfigError("enforcement.cgroup_root", "must be an absolute path or empty")
+    hami = config.enforcement.nvidia.hami_core
+    if hami and (not hami.startswith("/") or ":" in hami or " " in hami):
+        raise ConfigError(
+            "enforcement.nvidia.hami_core", "must be an absolute path to libvgpu.so, or empty"
+        )
     for key in ("cpus", "reserved_cpus"):
         if getattr(config.host, key) < 0:
             raise ConfigError(f"host.{key}", "must not be negative")

@@ -109,6 +109,9 @@ def _agent_config(base: Path, index: int, port: int) -> Path:
         f'devices = [{{ model = "{model}", memory_mib = {memory_mib}, count = {count} }}]\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\nkeepalive_s = 5\nheartbeat_s = 10\n'
         "[pool]\npeer_ttl_s = 30\nidle_after_s = 60\n"
+        # Every demo node is this machine: run --pool "dispatches" with a local launcher
+        # (`env sh -c ...`) to the lender's own xpuctl and socket, no sshd needed.
+        f'launcher = ["env"]\nremote_xpuctl = "{_xpuctl_path()}"\n'
     )
     return config
 
@@ -137,6 +140,11 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _xpuctl_path() -> str:
+    beside = Path(sys.executable).parent / "xpuctl"
+    return str(beside) if beside.exists() else "xpuctl"
 
 
 def _xpuctl() -> str:
@@ -229,6 +237,8 @@ def _announce(out: TextIO, broker: Broker, port: int, base: Path, sockets: list[
         f"  {xpuctl} --socket {first} place --memory 8GiB --compute 30 --model H100",
         f"  {xpuctl} --socket {first} borrow --memory 8GiB --compute 30",
         f"  {xpuctl} --socket {first} leases",
+        f"  {xpuctl} --socket {first} run --pool --memory 8GiB --compute 30 --model H100"
+        " -- sh -c 'echo running on $XPU_DEVICE'",
     ]
     if len(sockets) > 1:
         second = _shown(sockets[1])

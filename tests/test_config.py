@@ -44,6 +44,19 @@ BAD = [
     ),
     ("bad url", "version = 1\n[mqtt]\nurl = 'http://broker'\n", "mqtt.url:"),
     ("not toml", "version = = 1\n", "not valid TOML"),
+    (
+        "relative hami path",
+        "version = 1\n[enforcement.nvidia]\nhami_core = 'libvgpu.so'\n",
+        "enforcement.nvidia.hami_core: must be an absolute path",
+    ),
+    (
+        "launcher placeholder",
+        "version = 1\n[pool]\nlauncher = ['ssh', '{host}']\n",
+        "pool.launcher: '{host}': only {address} and {node}",
+    ),
+    ("empty launcher", "version = 1\n[pool]\nlauncher = []\n", "pool.launcher: must be"),
+    ("bad grace", "version = 1\n[pool]\nborrower_grace_s = 'soon'\n", "pool.borrower_grace_s:"),
+    ("bad address", "version = 1\n[node]\naddress = 'a b'\n", "node.address:"),
 ]
 
 

@@ -64,6 +64,28 @@ def test_demo_runs_a_pool_until_ctrl_c() -> None:
             )
         )
         assert lease["lender"] == "node-2"
+        # run --pool with an H100 (node-2's cards): dispatched there by the demo's local
+        # launcher, bound to a slice lent to node-1, its output and status back.
+        ran = xpuctl(
+            "run",
+            "--pool",
+            "--memory",
+            "8GiB",
+            "--compute",
+            "30",
+            "--model",
+            "H100",
+            "--",
+            "sh",
+            "-c",
+            "echo on $XPU_DEVICE; exit 3",
+            socket_path=sockets[0],
+        )
+        assert ran.returncode == 3, ran.stderr
+        assert ran.stdout.startswith("on mock-")
+        lent = json_out(xpuctl("--json", "slices", "--all", socket_path=sockets[1]))
+        ran_in = [s for s in lent if s["borrower"] == "node-1" and s["id"] != lease["slice_id"]]
+        assert [s["state"] for s in ran_in] == ["released"]
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0

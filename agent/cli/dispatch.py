@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from agent.cli import render
-from agent.cli.xpuctl import LEASE_ENDED, run_local
+from agent.cli.xpuctl import LEASE_ENDED, host_body, run_local
 from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError
 
 #: Exit code: the request fits nowhere in the pool (as ``alloc``'s 409).
@@ -104,14 +104,11 @@ def _most_room(client: AgentClient) -> str:
 
 
 def _request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``place`` and ``borrow`` are asked: the card share, models, host needs."""
     body: dict[str, Any] = {"memory_mib": args.memory, "compute_pct": args.compute}
     if args.model:
         body["model"] = args.model
-    if args.cpus:
-        body["cpu_milli"] = args.cpus
-    if args.host_memory:
-        body["host_memory_mib"] = args.host_memory
-    return body
+    return body | host_body(args)
 
 
 def run_pool(client: AgentClient, args: argparse.Namespace, cmd: list[str]) -> int:

@@ -139,7 +139,7 @@ def _host_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _host_body(args: argparse.Namespace) -> dict[str, Any]:
+def host_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if getattr(args, "cpus", 0):
         body["cpu_milli"] = args.cpus
@@ -391,7 +391,7 @@ def _alloc_body(args: argparse.Namespace) -> dict[str, Any]:
         body["ttl_s"] = args.ttl
     if args.model:
         body["model"] = args.model
-    return body | _host_body(args)
+    return body | host_body(args)
 
 
 def cmd_alloc(client: AgentClient, args: argparse.Namespace) -> int:
@@ -500,6 +500,9 @@ def run_local(client: AgentClient, args: argparse.Namespace, cmd: list[str]) -> 
         )
         return 3
     env = {k: v for k, v in os.environ.items() if k != "LC_XPU_SLICE_TOKEN"} | slice_["env"]
+    if "LD_PRELOAD" in slice_["env"] and os.environ.get("LD_PRELOAD"):
+        # The slice's hook (HAMi-core) first, the user's own preloads after it.
+        env["LD_PRELOAD"] = f"{slice_['env']['LD_PRELOAD']}:{os.environ['LD_PRELOAD']}"
     # Forked now, exec'd once bound: nothing of CMD runs outside its slice.
     child = GatedChild(cmd, env, args.chdir)
     try:
@@ -571,7 +574,7 @@ def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
     }
     if args.model:
         body["model"] = args.model
-    body |= _host_body(args)
+    body |= host_body(args)
     return _print(
         args,
         client.request("POST", "/v1/pool/place", body),
@@ -584,7 +587,7 @@ def cmd_borrow(client: AgentClient, args: argparse.Namespace) -> int:
     for key, value in (("node", args.node), ("ttl_s", args.ttl), ("model", args.model)):
         if value:
             body[key] = value
-    body |= _host_body(args)
+    body |= host_body(args)
     lease = client.request("POST", "/v1/pool/borrow", body)
 
     def text(lease: dict[str, Any]) -> str:

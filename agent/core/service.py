@@ -186,7 +186,11 @@ class NodeService:
         return {d: frozenset(p) for d, p in bound.items()}
 
     def env(self, slice_: Slice) -> dict[str, str]:
-        return slice_environment(slice_, self.inventory.devices.get(slice_.device))
+        return slice_environment(
+            slice_,
+            self.inventory.devices.get(slice_.device),
+            self.config.enforcement.nvidia.hami_core,
+        )
 
     async def get(self, slice_id: str) -> Slice:
         found = self._live.get(slice_id)
