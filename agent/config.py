@@ -146,8 +146,8 @@ class PoolConfig(_Section):
     lease_ttl_s: str | float = 600.0
     #: No lease is granted (or renewed) for longer than this, whatever the borrower asks.
     max_lease_ttl_s: str | float = "1d"
-    #: A borrower that went offline or restarted keeps its leases this long at most (it
-    #: renews them when it is back); then they lapse and their jobs are ended.
+    #: A borrower that went offline keeps its leases this long at most (back, it renews
+    #: them at once); then they lapse and their jobs are ended.
     borrower_grace_s: str | float = 60.0
     #: How ``xpuctl run --pool`` reaches a lender: an argv template (``{address}``,
     #: ``{node}``); the remote command follows it.

@@ -66,8 +66,13 @@ class Borrower:
         connected: Callable[[], bool],
         guard: Guard,
         clock: Callable[[], float] = time.monotonic,
+        connects: Callable[[], int] = lambda: 0,
     ) -> None:
         self.service = service
+        #: The bus's session count: a new session renews every lease at once (a lender
+        #: that saw this node go offline cut them to its pool.borrower_grace_s).
+        self._connects = connects
+        self._seen_connects = 0
         self.topics = topics
         self.origin = origin
         self._send = send
@@ -349,6 +354,10 @@ class Borrower:
     async def _renew_due(self) -> None:
         await self._return_orphans()
         now = self.origin.wall()
+        if self._connected() and self._connects() != self._seen_connects:
+            self._seen_connects = self._connects()
+            for slice_id, held in list(self.held.items()):
+                self.held[slice_id] = replace(held, renew_at=now)
         for slice_id, held in list(self.held.items()):
             expires = held.lease.expires_at
             if expires is not None and now >= expires:

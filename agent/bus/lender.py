@@ -71,11 +71,15 @@ class Lender:
         self._watch()
         while True:
             item = await self._inbox.get()
-            if isinstance(item, Reclaim):
-                await self._grace(item.borrower, item.why)
-                continue
-            if isinstance(item, Ended):
-                await self._tell(item.slice)
+            try:
+                if isinstance(item, Reclaim):
+                    await self._grace(item.borrower, item.why)
+                    continue
+                if isinstance(item, Ended):
+                    await self._tell(item.slice)
+                    continue
+            except XpuError as exc:  # the ledger cannot commit: the TTL still ends it
+                log.warning("lending bookkeeping failed", item=type(item).__name__, error=str(exc))
                 continue
             reply = await self._answer(item.request)
             self.served += 1
@@ -265,9 +269,10 @@ class Lender:
         )
 
     async def _grace(self, borrower: str, why: str) -> None:
-        """The borrower went offline or restarted: not an abandonment by itself (a
-        restarted borrower renews what its jobs still run in), but its leases are cut to
-        ``pool.borrower_grace_s`` at most, so that a dead one frees them soon."""
+        """The borrower went offline: not an abandonment by itself (a borrower that comes
+        back — reconnected, or restarted — renews at once what its jobs still run in), but
+        its leases are cut to ``pool.borrower_grace_s`` at most, so that a dead one frees
+        them soon."""
         grace = parse_duration_s(self.service.config.pool.borrower_grace_s)
         horizon = self.service.clock() + grace
         for slice_ in [s for s in self.service.live.values() if s.borrower == borrower]:

@@ -78,6 +78,7 @@ class Bus:
             self._send,
             lambda: self.connection.connected,
             self.guard,
+            connects=lambda: self.connection.connects,
         )
         self.pool = MqttPool(
             self.table,
@@ -189,10 +190,11 @@ class Bus:
 
     def _on_transition(self, transition: Transition) -> None:
         log.info("peer changed", peer=transition.node, what=transition.what)
+        # Offline: the lender cuts what it lent there to pool.borrower_grace_s (a borrower
+        # that comes back renews at once). A new boot alone is not news for lending: the
+        # borrower is up, and renews the leases its ledger holds.
         if transition.what == "offline":
             self.lender.borrower_gone(transition.node, "borrower went offline")
-        elif transition.what == "rebooted":
-            self.lender.borrower_gone(transition.node, "borrower restarted")
 
     async def _expire_peers(self) -> None:
         async def step() -> None:

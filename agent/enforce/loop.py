@@ -78,7 +78,9 @@ class Enforcer:
         #: Slices whose cgroup carries host limits, and the processes moved into it.
         self._limited: dict[str, set[ProcessRef]] = {}
         #: Live lent slices and their processes as last seen: their job ends with them.
-        self._lent: dict[str, tuple[ProcessRef, ...]] = {}
+        self._lent: dict[str, tuple[ProcessRef, ...]] = {
+            s.id: s.processes for s in service.live.values() if s.borrower is not None
+        }
         #: Processes of ended leases, sent SIGTERM: (slice, when SIGKILL follows).
         self._ending: dict[ProcessRef, tuple[str, float]] = {}
         #: Ended leases whose job was signalled, not yet recorded as an event.
