@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.broker import MOSQUITTO, Mosquitto, mqtt_config, topic_root
-from tests.harness import REPO, AgentProcess, agent_env, json_out, wait_for
+from tests.harness import REPO, AgentProcess, agent_env, json_out, short_tmpdir, wait_for
 from tests.sshd import SSH, SSHD, Sshd
 
 pytestmark = [
@@ -395,3 +397,33 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(
     assert f"lease {job['id']} reclaimed by b: released by root" in err
     assert 1.5 <= took < 5, took  # not at SIGTERM, but at the grace's end
     assert "outlived the grace: killed" in b.log()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (make deps)")
+def test_in_a_terminal_the_job_gets_one_and_ctrl_c_reaches_it(
+    broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    from tests.test_top import Tmux
+
+    a, b = pool_pair(broker, sshd, agent_factory)
+    status = Path(short_tmpdir()) / "status"
+    job = "test -t 0 && echo REMOTE-TTY; read x; echo GOT-$x; sleep 60"
+    command = (
+        f"cd /tmp && PYTHONPATH={REPO} {sys.executable} -m agent.cli.xpuctl --socket {a.socket}"
+        f" run --pool --memory 40GiB --compute 30 -- sh -c {shlex.quote(job)};"
+        f" echo EXIT-$? > {status}"
+    )
+    tmux = Tmux()
+    try:
+        started = tmux("new-session", "-d", "-s", "top", "-x", "100", "-y", "20", command)
+        assert started.returncode == 0, started.stderr
+        tmux.wait_for("REMOTE-TTY", timeout_s=20)  # ssh -t: the remote side has a terminal
+        tmux("send-keys", "-t", "top", "hello", "Enter")
+        tmux.wait_for("GOT-hello", timeout_s=10)
+        assert [s["borrower"] for s in lent(b)] == ["a"]
+        tmux("send-keys", "-t", "top", "C-c")  # through ssh's terminal to the remote job
+        wait_for(status.exists, 15)
+        assert status.read_text().strip() == "EXIT-130"
+        wait_for(lambda: lent(b) == [], 5)
+    finally:
+        tmux("kill-server")

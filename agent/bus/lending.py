@@ -13,15 +13,15 @@ asked for less or more) and returns its id, card, environment and expiry. The sl
 when its TTL lapses (the agent's expiry task) or when a local allocation preempts it; a
 borrower whose status goes ``offline`` keeps its leases for ``pool.borrower_grace_s`` at
 most — one that comes back (reconnected, or restarted: they are in its ledger) renews them
-at once on its new session, a dead one lets them lapse. When a lent slice ends its processes are ended too
-(:mod:`agent.enforce.loop`): the lease governs the job. A lease that ends without being
-returned is announced to the borrower with a ``notice`` carrying the reason and the lease
-token, so that only the lender can have sent it. Renew and release must carry the token
+at once on its new session, a dead one lets them lapse. When a lent slice ends its
+processes are ended too (:mod:`agent.enforce.loop`): the lease governs the job. A lease
+that ends without being returned is announced to the borrower with a ``notice`` carrying
+the reason and the lease token, so that only the lender can have sent it. Renew and release must carry the token
 too: nobody but the borrower can extend or end its lease.
 
 The **borrower** keeps its leases in its ledger (and in memory), renews each at half its
-TTL — and all at once on every new bus session —, records ``lease.*`` events (they reach its events topic
-like every event), and returns them on request.
+TTL — and all at once on every new bus session —, records ``lease.*`` events (they reach
+its events topic like every event), and returns them on request.
 """
 
 from __future__ import annotations

@@ -4,12 +4,19 @@ unbound (and so unenforced, or unkillable with its lease).
 
 ``subprocess.Popen`` cannot do this: it waits in its constructor until the child has
 exec'd, so a child held before exec would hold the parent too.
+
+The child leads its own process group (the enforcer stops and continues the group, never
+``xpuctl``). Run from a terminal's foreground, that group is given the terminal — as a
+shell does for a job — so that an interactive command can read it and Ctrl-C reaches it;
+the terminal comes back to ``xpuctl``'s group when the command ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 
 #: The child's exit status when it was never let go (its binding failed).
@@ -49,6 +56,12 @@ class GatedChild:
         self._go: int | None = go_w
         self._err = err_r
         self.status: int | None = None
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # also here: the group exists before the terminal moves
+        self._tty = _foreground_terminal()
+        if self._tty is not None:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(self._tty, pid)
 
     def release(self) -> OSError | None:
         """Let the child exec; the error when it could not (it has exited then)."""
@@ -73,14 +86,6 @@ class GatedChild:
             os.close(self._err)
         self.wait()
 
-    def poll(self) -> int | None:
-        """The exit code (``-N`` for signal N) once the child is gone, else ``None``."""
-        if self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = os.waitstatus_to_exitcode(status)
-        return self.status
-
     def wait(self) -> int:
         while self.status is None:
             try:
@@ -91,9 +96,33 @@ class GatedChild:
                 self.status = 0
                 break
             self.status = os.waitstatus_to_exitcode(status)
+        self._take_terminal_back()
         return self.status
+
+    def _take_terminal_back(self) -> None:
+        if self._tty is None:
+            return
+        tty, self._tty = self._tty, None
+        # From a background group tcsetpgrp raises SIGTTOU: ignore it for the call.
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(tty, os.getpgrp())
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
 
     def signal(self, signum: int) -> None:
         if self.status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
+
+
+def _foreground_terminal() -> int | None:
+    """stdin's terminal when ``xpuctl`` runs in its foreground (else ``None``)."""
+    try:
+        fd = sys.stdin.fileno()
+        if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
