@@ -16,8 +16,8 @@ most — one that comes back (reconnected, or restarted: they are in its ledger)
 at once on its new session, a dead one lets them lapse. When a lent slice ends its
 processes are ended too (:mod:`agent.enforce.loop`): the lease governs the job. A lease
 that ends without being returned is announced to the borrower with a ``notice`` carrying
-the reason and the lease token, so that only the lender can have sent it. Renew and release must carry the token
-too: nobody but the borrower can extend or end its lease.
+the reason and the lease token, so that only the lender can have sent it. Renew and
+release must carry the token too: nobody but the borrower can extend or end its lease.
 
 The **borrower** keeps its leases in its ledger (and in memory), renews each at half its
 TTL — and all at once on every new bus session —, records ``lease.*`` events (they reach
