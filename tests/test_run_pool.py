@@ -427,3 +427,31 @@ def test_in_a_terminal_the_job_gets_one_and_ctrl_c_reaches_it(
         wait_for(lambda: lent(b) == [], 5)
     finally:
         tmux("kill-server")
+
+
+def test_a_failing_launcher_returns_the_lease_and_exits_255(
+    broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    a, b = pool_pair(broker, sshd, agent_factory)
+    # --launcher overrides pool.launcher; nothing listens on port 1.
+    launcher = shlex.join("1" if w == str(sshd.port) else w for w in sshd.launcher())
+    proc = run_pool(
+        a,
+        "--pool",
+        "--node",
+        "b",
+        "--launcher",
+        launcher,
+        "--memory",
+        "40GiB",
+        "--compute",
+        "30",
+        "--",
+        "true",
+    )
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 255, err
+    assert "Connection refused" in err
+    wait_for(lambda: lent(b) == [], 5)
+    events = [e["kind"] for e in a.api("GET", "/v1/events?limit=50")[1]]
+    assert events.count("lease.borrowed") == 1 and events.count("lease.returned") == 1
