@@ -26,6 +26,7 @@ LEVELS = {
     "supervise": 1,
     "instance": 1,
     "memory": 1,
+    "processes": 1,
     "backends": 2,
     "ledger": 3,
     "core": 4,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from agent import processes
 from agent.errors import NotFound
 from agent.model import ProcessRef
 
@@ -27,23 +28,10 @@ def inspect(pid: int) -> ProcessInfo:
         raise NotFound(f"process {pid} cannot be inspected") from None
 
 
-def still_same(ref: ProcessRef) -> bool:
-    """True when ``ref.pid`` is still the process that started at ``ref.start_time``."""
-    try:
-        return abs(psutil.Process(ref.pid).create_time() - ref.start_time) < 0.01
-    except psutil.Error:
-        return False
-
-
-def running(ref: ProcessRef) -> bool:
-    """``still_same``, and not a zombie (exited, its parent has not reaped it yet)."""
-    try:
-        proc = psutil.Process(ref.pid)
-        with proc.oneshot():
-            same = abs(proc.create_time() - ref.start_time) < 0.01
-            return same and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+#: True when ``ref.pid`` is still the process that started at ``ref.start_time``.
+still_same = processes.same
+#: ``still_same``, and not a zombie.
+running = processes.running
 
 
 def slice_credentials(pid: int) -> tuple[str, str] | None:

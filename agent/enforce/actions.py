@@ -22,9 +22,9 @@ import select
 import signal
 from pathlib import Path
 
-import psutil
 import structlog
 
+from agent import processes
 from agent.model import ProcessRef
 
 log = structlog.get_logger(__name__)
@@ -32,17 +32,8 @@ log = structlog.get_logger(__name__)
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
-def start_time(pid: int) -> float | None:
-    """The process's start time as the ledger records it (psutil's ``create_time``)."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def matches(ref: ProcessRef) -> bool:
-    started = start_time(ref.pid)
-    return started is not None and abs(started - ref.start_time) < 0.01
+#: Whether ``ref`` is still that very process (agent.processes: one reader).
+matches = processes.same
 
 
 def _protected(pid: int) -> bool:

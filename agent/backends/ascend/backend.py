@@ -26,9 +26,9 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import psutil
 import structlog
 
+from agent import processes
 from agent.backends.ascend import parser
 from agent.backends.ascend.parser import ChipMapping, ChipRow
 from agent.backends.ascend.pci import PciId, read_pci_id
@@ -160,14 +160,6 @@ async def run_npu_smi(executable: str, args: Sequence[str], timeout_s: float) ->
     return stdout.decode("utf-8", errors="replace")
 
 
-def process_start_time(pid: int) -> float | None:
-    """Start time of ``pid`` (so a recycled pid is not mistaken), None if it is gone."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, OSError):
-        return None
-
-
 def model_name(name: str) -> str:
     """``910B3`` → ``Ascend910B3``; a name already starting with Ascend is kept."""
     compact = name.replace(" ", "")
@@ -189,7 +181,7 @@ class NpuSmiBackend(Backend):
         timeout_s: float = 10.0,
         *,
         sysfs_root: Path = Path("/sys"),
-        process_start: Callable[[int], float | None] = process_start_time,
+        process_start: Callable[[int], float | None] = processes.start_time,
     ) -> None:
         self._executable = executable
         self._timeout_s = timeout_s

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import psutil
 import structlog
 
+from agent import processes
 from agent.backends.base import Backend, BackendAbsent
 from agent.backends.nvml.binding import (
     MIB,
@@ -384,14 +384,6 @@ class NvmlBackend(Backend):
             self._executor.shutdown(wait=False)
 
 
-def _start_time(pid: int) -> float | None:
-    """The process's start time, so a recycled pid is never mistaken for it."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, OSError):
-        return None
-
-
 def _process_usages(
     procs: Sequence[ProcessMemory], util_known: bool, util_by_pid: Mapping[int, list[int]]
 ) -> tuple[ProcessUsage, ...]:
@@ -419,7 +411,7 @@ def _process_usages(
                 pid=pid,
                 memory_mib=None if used_bytes is None else used_bytes / MIB,
                 utilisation_pct=util,
-                start_time=_start_time(pid),
+                start_time=processes.start_time(pid),
             )
         )
     return tuple(usages)
