@@ -108,7 +108,19 @@ class HostConfig(_Section):
     reserved_memory: str | int = "2GiB"
 
 
+EnforcementRung = Literal["nvml-limits", "mps", "hami-core", "sampling"]
+
+
 class NvidiaEnforcementConfig(_Section):
+    #: The rungs a card may get (agent.core.ladder), strongest first; sampling is always on.
+    rungs: list[EnforcementRung] = msgspec.field(
+        default_factory=lambda: ["nvml-limits", "mps", "hami-core", "sampling"]
+    )
+    #: ``external``: the operator runs MPS (``nvidia-cuda-mps-control -d``); the slice
+    #: environment carries its limits, and the card's rung says MPS holds it.
+    mps: Literal["off", "external"] = "off"
+    #: MPS's own default pipe directory (``CUDA_MPS_PIPE_DIRECTORY``).
+    mps_pipe_directory: str = "/tmp/nvidia-mps"  # noqa: S108 - NVIDIA's default, not ours
     #: HAMi-core's ``libvgpu.so``: ``xpuctl run`` then puts it in ``LD_PRELOAD`` itself, and
     #: allocations beyond the slice fail inside the process (empty: not used).
     hami_core: str = ""
@@ -239,6 +251,8 @@ def _check(config: Config) -> None:
         raise ConfigError("enforcement.grace_s", "must not be negative")
     if config.enforcement.cgroup_root and not config.enforcement.cgroup_root.startswith("/"):
         raise ConfigError("enforcement.cgroup_root", "must be an absolute path or empty")
+    if not config.enforcement.nvidia.mps_pipe_directory.startswith("/"):
+        raise ConfigError("enforcement.nvidia.mps_pipe_directory", "must be an absolute path")
     hami = config.enforcement.nvidia.hami_core
     if hami and (not hami.startswith("/") or ":" in hami or " " in hami):
         raise ConfigError(

@@ -10,6 +10,7 @@ the backend runs. Every call is logged with the calling thread's id.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_ERROR_UNKNOWN = 999
 
+NVML_DEVICE_MEMORY_LIMIT_MAX = 0xFFFFFFFFFFFFFFFF
 NVML_TEMPERATURE_GPU = 0
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
@@ -165,6 +167,21 @@ class c_nvmlMemory_v2_t:
 
 
 @dataclass
+class c_nvmlSetMemoryLimits_v1_t:
+    nameSpace: bytes | None = None
+    softLimit: int = 0
+    hardLimit: int = 0
+
+
+@dataclass
+class c_nvmlGetMemoryLimits_v1_t:
+    nameSpace: bytes | None = None
+    softLimit: int = 0
+    hardLimit: int = 0
+    currentUsed: int = 0
+
+
+@dataclass
 class c_nvmlUtilization_t:
     gpu: int = 0
     memory: int = 0
@@ -257,6 +274,9 @@ class FakeGpu:
     max_mig_devices: int = 7
     #: Every query of a lost card raises NVMLError_GpuIsLost.
     lost: bool = False
+    #: Device-memory limits per cgroup path: (soft, hard) bytes; bytes used per cgroup.
+    memory_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cgroup_used_bytes: dict[str, int] = field(default_factory=dict)
     supported_events: int = (
         nvmlEventTypeSingleBitEccError
         | nvmlEventTypeDoubleBitEccError
@@ -278,6 +298,11 @@ class FakeDriver:
     #: Drivers before 510 lack ..._v3, before 470 lack ..._v2.
     processes_v3: bool = True
     processes_v2: bool = True
+    #: Cgroup memory limits: "yes"; "no-function" (a driver without the symbols: pynvml
+    #: raises FunctionNotFound); "not-supported" (the card or kernel refuses).
+    memory_limits: str = "yes"
+    #: Whether the caller is root (setting limits needs it).
+    privileged: bool = True
     #: (function name, threading.get_ident()) per call, in call order.
     calls: list[tuple[str, int]] = field(default_factory=list)
     event_sets: list[_EventSet] = field(default_factory=list)
@@ -537,6 +562,35 @@ class FakeNvml:
         return device.mig.compute_instance_id
 
     # -- events -------------------------------------------------------------------------------
+
+    # -- cgroup memory limits ---------------------------------------------------------------
+
+    def _limits_gpu(self, name: str, device: _Handle, namespace: bytes | None) -> FakeGpu:
+        gpu = self._gpu(name, device)
+        if self._driver.memory_limits == "no-function":
+            raise NVMLError_FunctionNotFound()
+        if self._driver.memory_limits == "not-supported" or device.mig is not None:
+            raise NVMLError_NotSupported()
+        if not namespace or not os.path.isdir(namespace.decode()):
+            raise NVMLError_InvalidArgument()  # the cgroup must exist
+        return gpu
+
+    def nvmlDeviceSetMemoryLimits_v1(self, device: _Handle, limits: Any) -> None:
+        gpu = self._limits_gpu("nvmlDeviceSetMemoryLimits_v1", device, limits.nameSpace)
+        if not self._driver.privileged:
+            raise NVMLError_NoPermission()
+        key = limits.nameSpace.decode()
+        if limits.softLimit == 0 and limits.hardLimit == NVML_DEVICE_MEMORY_LIMIT_MAX:
+            gpu.memory_limits.pop(key, None)
+        else:
+            gpu.memory_limits[key] = (limits.softLimit, limits.hardLimit)
+
+    def nvmlDeviceGetMemoryLimits_v1(self, device: _Handle, limits: Any) -> None:
+        gpu = self._limits_gpu("nvmlDeviceGetMemoryLimits_v1", device, limits.nameSpace)
+        key = limits.nameSpace.decode()
+        soft, hard = gpu.memory_limits.get(key, (0, NVML_DEVICE_MEMORY_LIMIT_MAX))
+        limits.softLimit, limits.hardLimit = soft, hard
+        limits.currentUsed = gpu.cgroup_used_bytes.get(key, 0)
 
     def nvmlEventSetCreate(self) -> _EventSet:
         self._initialised("nvmlEventSetCreate")

@@ -4,15 +4,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from agent import config as config_mod
+from agent.backends.base import Backend, DriverMemoryLimit
+from agent.core import ladder
+from agent.core.caller import Caller
+from agent.core.events import EventHub
+from agent.core.inventory import Inventory
+from agent.core.service import NodeService
+from agent.enforce.actions import CgroupTree
+from agent.enforce.loop import Enforcer
 from agent.errors import ConfigError
+from agent.ledger.store import Ledger
+from agent.model import Device, DeviceSample, SliceRequest, Vendor
 from tests.enforce_support import BUSY, cpu_priority, events, proc_state, running, shares
 from tests.harness import AgentProcess, json_out, wait_for
 
@@ -151,3 +163,85 @@ def test_host_limits_are_set_on_the_slice_cgroup(
         assert (where / "cpu.max").read_text().split() == ["50000", "100000"]
         assert int((where / "memory.max").read_text()) == 256 * 1024 * 1024
     wait_for(lambda: not where.exists(), 5)
+
+
+# -- the ladder's strongest rung: the driver limits a slice's cgroup ---------------------
+
+
+class _LimitingCards(Backend):
+    """One NVIDIA card whose driver takes cgroup memory limits (and records them)."""
+
+    name = "limits"
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.calls: list[tuple[str, str, int | None]] = []
+
+    async def discover(self) -> Sequence[Device]:
+        return [self.device]
+
+    async def sample(self, bound: Mapping[str, frozenset[int]]) -> Sequence[DeviceSample]:
+        return []
+
+    async def set_memory_limit(
+        self, device_id: str, namespace: str, mib: int | None
+    ) -> DriverMemoryLimit:
+        self.calls.append((device_id, namespace, mib))
+        return DriverMemoryLimit(mib, 0)
+
+
+async def test_a_kernel_limited_cards_slice_gets_its_cgroup_and_driver_limit(
+    cgroup_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = Device("nvidia-GPU-1", "limits", Vendor.NVIDIA, "NVIDIA H100", 0, 81920, uuid="GPU-1")
+    backend = _LimitingCards(gpu)
+    config = config_mod.from_mapping(
+        {
+            "version": 1,
+            "enforcement": {"cgroup_root": str(cgroup_root)},
+            "paths": {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "run")},
+        }
+    )
+    inventory = Inventory([backend])
+    await inventory.discover()
+    service = NodeService(config, inventory, Ledger(tmp_path / "l.sqlite"), EventHub())
+    await service.open()
+    # This host's kernel has no dmem controller, so the probe refuses the rung (its
+    # refusal is tested in tests/test_ladder.py): the rung is given, and the slice's cgroup
+    # is made without enabling dmem. The rest — which slices, which cgroup, the limit
+    # set, read back, recorded, cleared at the end — is the agent's own code.
+    service.rungs[gpu.id] = ladder.Rung(ladder.NVML_LIMITS)
+    monkeypatch.setattr(
+        CgroupTree, "device_memory_cgroup", lambda self, slice_id: _mkdir(self.root / slice_id)
+    )
+    enforcer = Enforcer(service)
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        root = Caller(uid=0, gid=0, pid=os.getpid(), admin=True)
+        made, _ = await service.allocate(
+            root, SliceRequest(memory_mib=2048, compute_pct=10, owner_uid=0)
+        )
+        await enforcer.step({})
+        assert backend.calls == []  # no process yet: nothing to limit
+        await service.bind(root, made.id, sleeper.pid)
+        await enforcer.step({})
+        where = cgroup_root / made.id
+        assert backend.calls == [(gpu.id, str(where), 2048)]
+        assert str(sleeper.pid) in (where / "cgroup.procs").read_text().split()
+        await enforcer.step({})
+        assert len(backend.calls) == 1  # set once, not at every sample
+        recorded = [e for e in await service.events() if e.kind == "enforce.driver_limit"]
+        assert [(e.data["ok"], e.data["read_back_mib"]) for e in recorded] == [(True, 2048)]
+        await service.release(root, made.id)
+        await enforcer.step({})
+        assert backend.calls[-1] == (gpu.id, str(where), None)  # cleared...
+        assert not where.exists()  # ...and the cgroup gone with the slice
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        await service.close()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    return path

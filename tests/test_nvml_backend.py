@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -528,3 +529,54 @@ def test_binding_missing_function_in_old_pynvml() -> None:
     b, handle = binding_for(driver, Old(driver))
     assert [p.pid for p in b.compute_processes(handle)] == [7]
     assert driver.called("nvmlDeviceGetComputeRunningProcesses_v2") == 1
+
+
+# -- kernel-enforced memory limits (nvmlDeviceSetMemoryLimits_v1) --------------------------
+
+
+async def test_memory_limits_are_set_read_back_and_cleared_per_cgroup(
+    backend: NvmlBackend, driver: FakeDriver, tmp_path: Path
+) -> None:
+    (device, *_), cgroup = await backend.discover(), tmp_path / "s-1"
+    cgroup.mkdir()
+    assert await backend.memory_limits_refused(device.id, str(tmp_path)) is None
+    driver.gpus[0].cgroup_used_bytes[str(cgroup)] = 3 * fake.MIB
+    read = await backend.set_memory_limit(device.id, str(cgroup), 2048)
+    assert (read.hard_mib, read.used_mib) == (2048, 3)
+    # The driver was given bytes, soft = hard (the slice is also what it is guaranteed).
+    assert driver.gpus[0].memory_limits == {str(cgroup): (2048 * fake.MIB, 2048 * fake.MIB)}
+    cleared = await backend.set_memory_limit(device.id, str(cgroup), None)
+    assert cleared.hard_mib is None and driver.gpus[0].memory_limits == {}
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("no-function", "driver 550.54.15 has no memory limits"),
+        ("not-supported", "does not support memory limits on this card"),
+    ],
+)
+async def test_memory_limit_refusals_say_why(mode: str, reason: str, tmp_path: Path) -> None:
+    driver = two_gpus()
+    driver.memory_limits = mode
+    b = await start(driver)
+    try:
+        device = (await b.discover())[0]
+        refused = await b.memory_limits_refused(device.id, str(tmp_path))
+        assert refused is not None and reason in refused
+        with pytest.raises(BackendError):
+            await b.set_memory_limit(device.id, str(tmp_path), 1024)
+    finally:
+        await b.close()
+
+
+async def test_setting_limits_needs_root(tmp_path: Path) -> None:
+    driver = two_gpus()
+    driver.privileged = False
+    b = await start(driver)
+    try:
+        device = (await b.discover())[0]
+        with pytest.raises(BackendError, match="nvmlDeviceSetMemoryLimits_v1"):
+            await b.set_memory_limit(device.id, str(tmp_path), 1024)
+    finally:
+        await b.close()

@@ -53,6 +53,8 @@ def test_hami_core_is_preloaded_where_configured() -> None:
     env = slice_environment(SLICE, H100, hami_core="/opt/hami/libvgpu.so")
     assert env["LD_PRELOAD"] == "/opt/hami/libvgpu.so"
     assert "LD_PRELOAD" not in slice_environment(SLICE, H100)
+    moved = slice_environment(SLICE, H100, mps_pipe_directory="/run/mps/card3")
+    assert moved["CUDA_MPS_PIPE_DIRECTORY"] == "/run/mps/card3"
 
 
 def test_ascend_and_mock_slice_environments() -> None:

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from agent import __version__
 from agent.api.views import idle_amount
 from agent.config import parse_listen
+from agent.core.ladder import RUNGS
 from agent.core.pool import Pool
 from agent.core.service import NodeService
 from agent.model import Device, Health, SliceState, Vendor
@@ -165,6 +166,12 @@ class AgentCollector(Collector):
             "Live slices per device and state.",
             labels=(*DEVICE_LABELS, "state"),
         )
+        rungs = GaugeMetricFamily(
+            "xpu_agent_device_enforcement_rung",
+            "1 for the mechanism holding the device's slices to their memory"
+            " (nvml-limits, mps, hami-core, sampling), 0 for the others.",
+            labels=(*DEVICE_LABELS, "rung"),
+        )
         uses = service.card_uses()
         for device in devices:
             labels = device_label_values(device, device.id)
@@ -184,7 +191,11 @@ class AgentCollector(Collector):
             for live_state in LIVE_STATES:
                 count = sum(1 for s in on if s.state is live_state)
                 slices.add_metric([*labels, live_state.value], count)
-        yield from (info, total, allocated, compute, slots, health, unsliced, slices)
+            held_by = service.rungs.get(device.id)
+            if held_by is not None:
+                for name in RUNGS:
+                    rungs.add_metric([*labels, name], 1 if held_by.name == name else 0)
+        yield from (info, total, allocated, compute, slots, health, unsliced, slices, rungs)
 
     def _slices(self) -> Iterable[Metric]:
         service = self._service

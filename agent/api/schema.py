@@ -137,6 +137,14 @@ class SliceView(msgspec.Struct, kw_only=True):
     env: dict[str, str] | None
 
 
+class EnforcementView(msgspec.Struct, kw_only=True):
+    """The mechanism holding the card's slices to their memory (agent.core.ladder), and
+    why each stronger one was refused."""
+
+    rung: str
+    refused: dict[str, str] = {}
+
+
 class DeviceView(msgspec.Struct, kw_only=True):
     id: str
     backend: str
@@ -158,6 +166,7 @@ class DeviceView(msgspec.Struct, kw_only=True):
     slices: list[SliceView]
     unsliced_pids: list[int]
     hardware_partitions: list[str]
+    enforcement: EnforcementView | None = None
 
 
 class Amount(msgspec.Struct, kw_only=True):

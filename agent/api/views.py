@@ -78,7 +78,15 @@ def device_view(service: NodeService, use: CardUse, caller: Caller) -> schema.De
         slices=[slice_view(service, s, caller) for s in on],
         unsliced_pids=list(service.unsliced.get(device.id, ())),
         hardware_partitions=list(device.hardware_partitions),
+        enforcement=_enforcement(service, device.id),
     )
+
+
+def _enforcement(service: NodeService, device_id: str) -> schema.EnforcementView | None:
+    rung = service.rungs.get(device_id)
+    if rung is None:
+        return None
+    return schema.EnforcementView(rung=rung.name, refused=dict(rung.refused))
 
 
 def idle_amount(service: NodeService) -> schema.Amount:

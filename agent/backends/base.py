@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from agent.model import Device, DeviceSample
+
+
+@dataclass(frozen=True, slots=True)
+class DriverMemoryLimit:
+    """A cgroup's limit on one card as the driver reads it back (``None``: no limit)."""
+
+    hard_mib: int | None
+    used_mib: int
 
 
 class Backend(abc.ABC):
@@ -29,6 +38,18 @@ class Backend(abc.ABC):
         ``bound`` maps a device id to the pids the agent has bound to slices on it; backends
         that cannot see device processes by themselves (the mock) use it to find them.
         """
+
+    async def memory_limits_refused(self, device_id: str, namespace: str) -> str | None:
+        """Why the driver cannot limit a cgroup's memory on this device (``None``: it can;
+        ``namespace`` is a cgroup's sysfs path to probe with)."""
+        return f"the {self.name} backend has no driver memory limits"
+
+    async def set_memory_limit(
+        self, device_id: str, namespace: str, mib: int | None
+    ) -> DriverMemoryLimit:
+        """Limit the cgroup at ``namespace`` to ``mib`` on this device (``None``: clear), and
+        read the limit back."""
+        raise NotImplementedError(f"the {self.name} backend has no driver memory limits")
 
     def request_rescan(self) -> None:  # noqa: B027 - optional hook
         """Re-enumerate devices on the next ``discover()`` (a PCI device came or went)."""

@@ -70,6 +70,9 @@ class DeviceCapacity(msgspec.Struct, frozen=True, kw_only=True):
     memory_used_mib: Mib | None = None
     utilisation_pct: Pct | None = None
     slices: Annotated[list[SliceUse], msgspec.Meta(max_length=1000)] = []
+    #: The mechanism holding its slices to their memory (nvml-limits, mps, hami-core,
+    #: sampling); empty before it is probed.
+    enforcement: Text = ""
 
 
 class Amounts(msgspec.Struct, frozen=True, kw_only=True):

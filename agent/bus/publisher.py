@@ -114,6 +114,7 @@ class Publisher:
                     if sample and sample.utilisation_pct is not None
                     else None,
                     slices=slices,
+                    enforcement=rung.name if (rung := service.rungs.get(device.id)) else "",
                 )
             )
         capacity, allocated = totals(uses)

@@ -212,6 +212,7 @@ def devices_text(devices: list[dict[str, Any]], width: int | None = None) -> str
                 pct(d["utilisation_pct"]),
                 f"{d['slice_count']} ({d['allocated_compute_pct']}%, "
                 f"{mib(d['allocated_memory_mib'])})",
+                (d.get("enforcement") or {}).get("rung", "-"),
                 d["health"] + (f": {d['health_reason']}" if d["health_reason"] else ""),
             )
         )
@@ -221,9 +222,18 @@ def devices_text(devices: list[dict[str, Any]], width: int | None = None) -> str
         Col("MEMORY USED/TOTAL"),
         Col("UTIL", drop=2),
         Col("SLICES", drop=1),
+        Col("ENFORCED BY", drop=3),
         Col("HEALTH", shrink=True),
     )
     text = table(cols, rows, width)
+    if width is None:  # --wide: why the stronger mechanisms do not hold a card
+        refusals = [
+            f"{d['id']}: {rung} refused: {why}"
+            for d in devices
+            for rung, why in ((d.get("enforcement") or {}).get("refused") or {}).items()
+        ]
+        if refusals:
+            text += "\n\n" + "\n".join(refusals)
     slices = [s for d in devices for s in d["slices"]]
     return text + ("\n\n" + slice_usage_text(slices, width) if slices else "")
 

@@ -54,6 +54,12 @@ class Inventory:
     def samples(self) -> Mapping[str, DeviceSample]:
         return self._samples
 
+    def backend_of(self, device_id: str) -> Backend | None:
+        device = self._devices.get(device_id)
+        if device is None:
+            return None
+        return next((b for b in self.backends if b.name == device.backend), None)
+
     def usable(self, device_id: str) -> bool:
         device = self._devices.get(device_id)
         return device is not None and device.health is Health.OK

@@ -22,7 +22,7 @@ import structlog
 
 from agent import placement
 from agent.config import Config
-from agent.core import matching, preempt, procs
+from agent.core import ladder, matching, preempt, procs
 from agent.core.caller import Caller, require_owner, require_process_owner
 from agent.core.capacity import CardUse, Totals, card_uses, totals
 from agent.core.events import EventHub
@@ -102,6 +102,8 @@ class NodeService:
         self.host = host_capacity(config)
         #: Whether the host limits are enforced (a delegated cgroup tree) or only accounted.
         self.host_limits: HostLimits = host_limits(config.enforcement.cgroup_root)
+        #: The enforcement rung holding each card (agent.core.ladder), probed on discovery.
+        self.rungs: dict[str, ladder.Rung] = {}
         self._peer_states = PeerStates()
 
     # -- plumbing -------------------------------------------------------------------------
@@ -186,10 +188,14 @@ class NodeService:
         return {d: frozenset(p) for d, p in bound.items()}
 
     def env(self, slice_: Slice) -> dict[str, str]:
+        nvidia = self.config.enforcement.nvidia
+        default_pipes = type(nvidia)().mps_pipe_directory
+        pipes = nvidia.mps_pipe_directory if nvidia.mps == "external" else default_pipes
         return slice_environment(
             slice_,
             self.inventory.devices.get(slice_.device),
-            self.config.enforcement.nvidia.hami_core,
+            nvidia.hami_core,
+            "" if pipes == default_pipes else pipes,
         )
 
     async def get(self, slice_id: str) -> Slice:
@@ -613,8 +619,25 @@ class NodeService:
 
     # -- observing devices ----------------------------------------------------------------
 
+    async def probe_enforcement(self, device_ids: Iterable[str]) -> None:
+        """Choose each card's enforcement rung by probing what it and its driver support."""
+        for device_id in device_ids:
+            device = self.inventory.devices.get(device_id)
+            if device is None:
+                continue
+            backend = self.inventory.backend_of(device_id)
+            rung = await ladder.probe(device, backend, self.config)
+            if self.rungs.get(device_id) != rung:
+                self.rungs[device_id] = rung
+                log.info(
+                    "enforcement rung", device=device_id, rung=rung.name, refused=dict(rung.refused)
+                )
+
     async def observe_inventory(self, change: InventoryChange) -> None:
-        """Slices on a lost card go ``lost``; they come back when the card does."""
+        """Slices on a lost card go ``lost``; they come back when the card does. New cards
+        get their enforcement rung."""
+        if change.added:
+            await self.probe_enforcement(change.added)
         lost = [s.id for s in self._live.values() if s.device in change.lost]
         back = [s.id for s in self._live.values() if s.device in change.returned]
         if not lost and not back:

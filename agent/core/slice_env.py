@@ -22,7 +22,11 @@ def _fraction_text(value: float) -> str:
     return f"{min(value, 1.0):.4f}".rstrip("0").rstrip(".")
 
 
-def slice_environment(slice_: Slice, device: Device | None, hami_core: str = "") -> dict[str, str]:
+def slice_environment(
+    slice_: Slice, device: Device | None, hami_core: str = "", mps_pipe_directory: str = ""
+) -> dict[str, str]:
+    """``hami_core``: the library to preload; ``mps_pipe_directory``: where the operator's
+    MPS daemon listens, when not MPS's default."""
     card_mib = device.memory_total_mib if device else 0
     fraction = slice_.memory_mib / card_mib if card_mib else 1.0
     env = {
@@ -50,6 +54,8 @@ def slice_environment(slice_: Slice, device: Device | None, hami_core: str = "")
         }
         if hami_core:
             env["LD_PRELOAD"] = hami_core
+        if mps_pipe_directory:
+            env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_directory
     elif device.vendor is Vendor.ASCEND:
         logical = device.attributes.get("logic_id", str(device.index))
         env |= {"ASCEND_RT_VISIBLE_DEVICES": logical, "ASCEND_VISIBLE_DEVICES": logical}

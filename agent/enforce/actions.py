@@ -236,6 +236,20 @@ class CgroupTree:
             return False
         return True
 
+    def device_memory_cgroup(self, slice_id: str) -> Path | None:
+        """The slice's cgroup with the ``dmem`` controller enabled for it (the driver's
+        memory limits act through it): its path, or ``None`` where it cannot be had."""
+        try:
+            enabled = set((self.root / "cgroup.subtree_control").read_text().split())
+            if "dmem" not in enabled:
+                (self.root / "cgroup.subtree_control").write_text("+dmem")
+            where = self._dir(slice_id)
+            where.mkdir(exist_ok=True)
+        except OSError as exc:
+            log.warning("no dmem cgroup for the slice", slice=slice_id, error=str(exc))
+            return None
+        return where
+
     def freeze(self, slice_id: str, frozen: bool) -> bool:
         try:
             (self._dir(slice_id) / "cgroup.freeze").write_text("1" if frozen else "0")

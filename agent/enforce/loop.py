@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.core import ladder
 from agent.core.service import NodeService, SliceUsage
 from agent.enforce import actions, policy
 from agent.enforce.actions import Target
@@ -85,6 +86,12 @@ class Enforcer:
         self._ending: dict[ProcessRef, tuple[str, float]] = {}
         #: Ended leases whose job was signalled, not yet recorded as an event.
         self._ended: list[tuple[str, list[int]]] = []
+        #: Slices whose memory the driver limits (rung nvml-limits): (device, cgroup path)
+        #: and the processes moved there; slices whose limit could not be set or read back.
+        self._driver_limited: dict[str, tuple[str, str, set[ProcessRef]]] = {}
+        self._driver_failed: set[str] = set()
+        #: Driver limits of ended slices still to clear: (slice, device, cgroup path).
+        self._driver_clear: list[tuple[str, str, str]] = []
         service.on_change(self.reconcile)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -119,6 +126,10 @@ class Enforcer:
         """``NodeService.on_change``: a slice that ended (released, expired, lost) or a
         process that was unbound is resumed at once, before the API call returns."""
         live = self.service.live
+        for slice_id in [s for s in self._driver_limited if s not in live]:
+            device, where, _ = self._driver_limited.pop(slice_id)
+            self._driver_clear.append((slice_id, device, where))
+        self._driver_failed &= set(live)
         for slice_id in [s for s in self._limited if s not in live]:
             del self._limited[slice_id]
             if self._cgroups is not None and slice_id not in self._held:
@@ -188,6 +199,7 @@ class Enforcer:
         for verdict in verdicts:
             await self._act_memory(verdict)
         self._limit_host()
+        await self._limit_device_memory()
 
         before = self._unsliced_seen
         doomed, self._unsliced_seen = policy.decide_unsliced(cards, config.unsliced, before)
@@ -307,6 +319,8 @@ class Enforcer:
             # back) and let the remaining members fall back to signals.
             self._cgroups.dissolve(slice_id)
             held.frozen.clear()
+            self._limited.pop(slice_id, None)  # limits and members are set again next sample
+            self._driver_limited.pop(slice_id, None)
         self._resume(held.members.pop(ref))
 
     def _resume(self, target: Target) -> None:
@@ -336,6 +350,70 @@ class Enforcer:
                     self._cgroups.place(slice_.id, actions.group_members(ref.pid))
                     adopted.add(ref)
 
+    async def _limit_device_memory(self) -> None:
+        """On cards whose rung is ``nvml-limits`` (agent.core.ladder), a slice with
+        processes runs in its own cgroup, and the driver fails its allocations beyond the
+        slice (``nvmlDeviceSetMemoryLimits_v1``); the limit is read back and compared. The
+        sampling enforcement stays on underneath. Ended slices' limits are cleared (and
+        their cgroup removed, which clears them too)."""
+        service = self.service
+        while self._driver_clear:
+            slice_id, device, where = self._driver_clear.pop()
+            backend = service.inventory.backend_of(device)
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend.set_memory_limit(device, where, None)
+            if self._cgroups is not None and slice_id not in self._held:
+                self._cgroups.dissolve(slice_id)
+        if self._cgroups is None:
+            return
+        for slice_ in list(service.live.values()):
+            rung = service.rungs.get(slice_.device)
+            if (
+                rung is None
+                or rung.name != ladder.NVML_LIMITS
+                or not slice_.processes
+                or slice_.state is not SliceState.ACTIVE
+                or slice_.id in self._driver_failed
+            ):
+                continue
+            held = self._driver_limited.get(slice_.id)
+            if held is None:
+                await self._set_driver_limit(slice_.id, slice_.device, slice_.memory_mib)
+                held = self._driver_limited.get(slice_.id)
+                if held is None:
+                    continue
+            for ref in slice_.processes:
+                if ref not in held[2]:
+                    self._cgroups.place(slice_.id, actions.group_members(ref.pid))
+                    held[2].add(ref)
+
+    async def _set_driver_limit(self, slice_id: str, device: str, mib: int) -> None:
+        assert self._cgroups is not None
+        backend = self.service.inventory.backend_of(device)
+        where = self._cgroups.device_memory_cgroup(slice_id)
+        data: dict[str, object] = {"rung": ladder.NVML_LIMITS, "device": device, "limit_mib": mib}
+        if backend is None or where is None:
+            self._driver_failed.add(slice_id)
+            await self.service.record("enforce.driver_limit", data | {"ok": False}, slice_id)
+            return
+        try:
+            read = await backend.set_memory_limit(device, str(where), mib)
+        except Exception as exc:  # the driver refused: the sampling backstop holds it
+            self._driver_failed.add(slice_id)
+            log.warning("driver memory limit not set", slice=slice_id, error=str(exc))
+            data |= {"ok": False, "error": str(exc)[:300]}
+            await self.service.record("enforce.driver_limit", data, slice_id)
+            return
+        ok = read.hard_mib == mib
+        self._driver_limited[slice_id] = (device, str(where), set())
+        if not ok:
+            self._driver_failed.add(slice_id)
+            log.warning("driver memory limit reads back wrong", slice=slice_id, read=read.hard_mib)
+        await self.service.record(
+            "enforce.driver_limit", data | {"ok": ok, "read_back_mib": read.hard_mib}, slice_id
+        )
+
     def _drop(self, slice_id: str) -> None:
         held = self._held.pop(slice_id, None)
         if held is None:
@@ -343,6 +421,7 @@ class Enforcer:
         if held.frozen and self._cgroups is not None:
             self._cgroups.dissolve(slice_id)
             self._limited.pop(slice_id, None)  # limits and members are set again next sample
+            self._driver_limited.pop(slice_id, None)
         for target in held.members.values():
             self._resume(target)
         self._controllers.pop(slice_id, None)

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import structlog
 
 from agent import processes
-from agent.backends.base import Backend, BackendAbsent
+from agent.backends.base import Backend, BackendAbsent, DriverMemoryLimit
 from agent.backends.nvml.binding import (
     MIB,
     Binding,
+    ErrorKind,
     GpuLostError,
     Handle,
     LibraryAbsentError,
@@ -370,6 +371,44 @@ class NvmlBackend(Backend):
                 )
             )
         return samples
+
+    # -- kernel-enforced memory limits ----------------------------------------------------
+
+    async def memory_limits_refused(self, device_id: str, namespace: str) -> str | None:
+        handle = self._handles.get(device_id)
+        if handle is None:
+            return "not an NVML device (or lost)"
+        try:
+            await self._run(self._binding.memory_limits, handle, namespace)
+        except NvmlError as exc:
+            version = self._driver_version or "?"
+            if exc.kind is ErrorKind.FUNCTION_NOT_FOUND:
+                return f"driver {version} has no memory limits ({exc.function})"
+            if exc.kind is ErrorKind.NOT_SUPPORTED:
+                return f"driver {version} does not support memory limits on this card"
+            if exc.kind is ErrorKind.NO_PERMISSION:
+                return "not permitted (setting memory limits needs root)"
+            return f"memory limits failed: {exc.message}"
+        except BackendError as exc:
+            return str(exc)
+        return None
+
+    async def set_memory_limit(
+        self, device_id: str, namespace: str, mib: int | None
+    ) -> DriverMemoryLimit:
+        handle = self._handles.get(device_id)
+        if handle is None:
+            raise BackendError(f"no NVML device {device_id}", backend=self.name)
+
+        def apply() -> DriverMemoryLimit:
+            self._binding.set_memory_limits(handle, namespace, mib)
+            read = self._binding.memory_limits(handle, namespace)
+            return DriverMemoryLimit(read.hard_mib, read.used_mib)
+
+        try:
+            return await self._run(apply)
+        except NvmlError as exc:
+            raise BackendError(f"{exc.function}: {exc.message}", backend=self.name) from exc
 
     async def close(self) -> None:
         if self._closed:

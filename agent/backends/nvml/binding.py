@@ -87,6 +87,15 @@ _PROCESS_FUNCTIONS = (
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryLimits:
+    """A cgroup's device-memory limits as the driver holds them (``None``: no limit)."""
+
+    soft_mib: int | None
+    hard_mib: int | None
+    used_mib: int
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryInfo:
     total_bytes: int
     used_bytes: int
@@ -240,6 +249,42 @@ class Binding:
     def driver_version(self) -> str | None:
         value = self._optional("nvmlSystemGetDriverVersion")
         return None if value is None else _text(value)
+
+    # -- kernel-enforced memory limits (a cgroup's share of a card) ------------------------
+
+    def _limit_struct(self, name: str, function: str) -> Any:
+        struct = getattr(self._nvml, name, None)
+        if struct is None:
+            raise NvmlError(
+                ErrorKind.FUNCTION_NOT_FOUND, None, function, "not in this nvidia-ml-py"
+            )
+        return struct()
+
+    def memory_limits(self, handle: Handle, namespace: str) -> MemoryLimits:
+        """``nvmlDeviceGetMemoryLimits_v1`` for the cgroup at ``namespace`` (its sysfs path):
+        soft 0 and hard ``NVML_DEVICE_MEMORY_LIMIT_MAX`` mean no limit."""
+        function = "nvmlDeviceGetMemoryLimits_v1"
+        limits = self._limit_struct("c_nvmlGetMemoryLimits_v1_t", function)
+        limits.nameSpace = namespace.encode()
+        self._call(function, handle, limits)
+        unlimited = getattr(self._nvml, "NVML_DEVICE_MEMORY_LIMIT_MAX", 2**64 - 1)
+        return MemoryLimits(
+            soft_mib=int(limits.softLimit) // MIB or None,
+            hard_mib=None if limits.hardLimit == unlimited else int(limits.hardLimit) // MIB,
+            used_mib=int(limits.currentUsed) // MIB,
+        )
+
+    def set_memory_limits(self, handle: Handle, namespace: str, mib: int | None) -> None:
+        """``nvmlDeviceSetMemoryLimits_v1``: allocations of the cgroup at ``namespace`` beyond
+        ``mib`` fail (soft = hard: the slice's size is also what it is guaranteed);
+        ``None`` clears them. Needs root; MIG handles are not supported."""
+        function = "nvmlDeviceSetMemoryLimits_v1"
+        limits = self._limit_struct("c_nvmlSetMemoryLimits_v1_t", function)
+        limits.nameSpace = namespace.encode()
+        unlimited = getattr(self._nvml, "NVML_DEVICE_MEMORY_LIMIT_MAX", 2**64 - 1)
+        limits.softLimit = 0 if mib is None else mib * MIB
+        limits.hardLimit = unlimited if mib is None else mib * MIB
+        self._call(function, handle, limits)
 
     # -- devices --------------------------------------------------------------------------
 
