@@ -116,9 +116,10 @@ class NvidiaEnforcementConfig(_Section):
     rungs: list[EnforcementRung] = msgspec.field(
         default_factory=lambda: ["nvml-limits", "mps", "hami-core", "sampling"]
     )
-    #: ``external``: the operator runs MPS (``nvidia-cuda-mps-control -d``); the slice
-    #: environment carries its limits, and the card's rung says MPS holds it.
-    mps: Literal["off", "external"] = "off"
+    #: ``external``: the operator runs MPS (``nvidia-cuda-mps-control -d``); ``managed``:
+    #: the agent runs one control daemon per card (agent.enforce.mps). The slice
+    #: environment carries the limits either way.
+    mps: Literal["off", "external", "managed"] = "off"
     #: MPS's own default pipe directory (``CUDA_MPS_PIPE_DIRECTORY``).
     mps_pipe_directory: str = "/tmp/nvidia-mps"  # noqa: S108 - NVIDIA's default, not ours
     #: HAMi-core's ``libvgpu.so``: ``xpuctl run`` then puts it in ``LD_PRELOAD`` itself, and

@@ -28,6 +28,7 @@ from agent.core.inventory import Inventory
 from agent.core.pool import Pool, StandalonePool
 from agent.core.service import NodeService
 from agent.enforce.loop import Enforcer
+from agent.enforce.mps import MpsDaemons
 from agent.errors import ConfigError, LedgerUnavailable, StorageFull
 from agent.instance import StateLock
 from agent.ledger.store import Ledger
@@ -244,6 +245,10 @@ class Daemon:
             "metrics-listener": lambda: metrics.serve_tcp(server.runner),
             "metrics-textfile": metrics.write_textfile_forever,
         }
+        if config.enforcement.nvidia.mps == "managed":
+            # One MPS control daemon per NVIDIA card, quit (and the cards' compute mode
+            # put back) when the task ends.
+            tasks["mps"] = MpsDaemons(service).run
         if bus is not None:
             # Cancelling "mqtt" at stop publishes the retained offline status first.
             tasks.update(bus.tasks())

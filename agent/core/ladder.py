@@ -9,10 +9,14 @@ operator configured; ``sampling`` — the agent's own enforcement after the fact
 rung that is allowed (``enforcement.nvidia.rungs``) and whose probe succeeded; the stronger
 ones are reported with the reason they were refused. Only NVIDIA cards have rungs above
 ``sampling``.
+
+MPS is ``external`` (the operator runs the control daemon) or ``managed``
+(:mod:`agent.enforce.mps` runs one per card).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +58,20 @@ def dmem_refused(cgroup_root: str) -> str | None:
     return None
 
 
+def mps_pipe_dir(runtime_dir: str | Path, device_id: str) -> Path:
+    """Where the agent-managed MPS daemon of ``device_id`` listens (its clients connect
+    there: ``CUDA_MPS_PIPE_DIRECTORY``); its log directory is beside it."""
+    return Path(runtime_dir) / "mps" / device_id / "pipe"
+
+
 def mps_refused(config: Config) -> str | None:
     nvidia = config.enforcement.nvidia
     if nvidia.mps == "off":
         return "enforcement.nvidia.mps is off"
+    if nvidia.mps == "managed":
+        if shutil.which("nvidia-cuda-mps-control") is None:
+            return "nvidia-cuda-mps-control is not on PATH"
+        return None
     control = Path(nvidia.mps_pipe_directory) / "control"
     if not control.exists():
         return f"no MPS control daemon at {nvidia.mps_pipe_directory}"

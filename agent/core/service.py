@@ -191,6 +191,8 @@ class NodeService:
         nvidia = self.config.enforcement.nvidia
         default_pipes = type(nvidia)().mps_pipe_directory
         pipes = nvidia.mps_pipe_directory if nvidia.mps == "external" else default_pipes
+        if nvidia.mps == "managed":
+            pipes = str(ladder.mps_pipe_dir(self.config.paths.runtime_dir, slice_.device))
         return slice_environment(
             slice_,
             self.inventory.devices.get(slice_.device),
