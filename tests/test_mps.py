@@ -101,7 +101,7 @@ async def test_start_slice_environment_restart_and_stop(
         # The daemon dies: the next health check starts it again.
         os.kill(int((pipes / "daemon.pid").read_text()), signal.SIGKILL)
         await until(lambda: recorded(tmp_path).count("<pipes> -d") == 2)
-        await until(lambda: (pipes / "state.json").exists())
+        await until((pipes / "state.json").exists)
         await asyncio.sleep(0.3)  # its defaults set and the event recorded
         kinds = [e.data["action"] for e in await service.events() if e.kind == "enforce.mps"]
         assert kinds[:3] == ["started", "died", "started"]

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a config file and exit (0: valid; 2: the first bad key, named)",
     )
     check.add_argument("file", type=Path, help="the TOML file to check")
+    selftest = sub.add_parser(
+        "selftest",
+        help="on this node's hardware, check which enforcement holds (memory, compute,"
+        " cleanup) against the running agent; exit 0 all passed, 1 one failed",
+    )
+    from agent.cli.selftest import add_arguments  # noqa: PLC0415 - argparse only
+
+    add_arguments(selftest)
     return parser
 
 
@@ -67,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return demo.run(args.nodes)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "selftest":
+        from agent.cli import selftest  # noqa: PLC0415
+
+        checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+        unknown = set(checks) - {"memory", "compute"}
+        if unknown:
+            print(
+                f"xpu-agent selftest: error: --checks: unknown {sorted(unknown)}", file=sys.stderr
+            )
+            return 2
+        return selftest.run(args.socket, args.device, args.json, args.python, checks, args.within)
     # Imports after parsing: --help and --version stay fast.
     from agent import config as config_mod  # noqa: PLC0415
     from agent import logs  # noqa: PLC0415
