@@ -120,6 +120,9 @@ class NvidiaEnforcementConfig(_Section):
     #: the agent runs one control daemon per card (agent.enforce.mps). The slice
     #: environment carries the limits either way.
     mps: Literal["off", "external", "managed"] = "off"
+    #: Managed MPS: quit a card's daemon (and put its compute mode back) when its last
+    #: slice is released, and start it again with the next one.
+    mps_quit_when_idle: bool = False
     #: MPS's own default pipe directory (``CUDA_MPS_PIPE_DIRECTORY``).
     mps_pipe_directory: str = "/tmp/nvidia-mps"  # noqa: S108 - NVIDIA's default, not ours
     #: HAMi-core's ``libvgpu.so``: ``xpuctl run`` then puts it in ``LD_PRELOAD`` itself, and

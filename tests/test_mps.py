@@ -148,3 +148,22 @@ async def test_the_ladder_offers_managed_mps_only_with_the_tool(
     monkeypatch.setenv("PATH", "/nonexistent")
     refused = (await ladder.probe(GPU, None, service.config)).refused
     assert refused["mps"] == "nvidia-cuda-mps-control is not on PATH"
+
+
+async def test_quit_when_the_last_slice_goes(
+    service: NodeService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvidia = service.config.enforcement.nvidia
+    monkeypatch.setattr(nvidia, "mps_quit_when_idle", True)
+    daemons = mps.MpsDaemons(service)
+    await daemons.reconcile()
+    assert recorded(tmp_path) == []  # no slice: no daemon, the card left alone
+    root = Caller(uid=0, gid=0, pid=os.getpid(), admin=True)
+    made, _ = await service.allocate(
+        root, SliceRequest(memory_mib=1024, compute_pct=10, owner_uid=0)
+    )
+    await daemons.reconcile()
+    assert recorded(tmp_path)[:2] == ["nvidia-smi -i 2 -c EXCLUSIVE_PROCESS", "<pipes> -d"]
+    await service.release(root, made.id)
+    await daemons.reconcile()
+    assert recorded(tmp_path)[-2:] == ["<pipes> quit", "nvidia-smi -i 2 -c DEFAULT"]

@@ -19,8 +19,9 @@ For each card (NVIDIA's MPS documentation, "Starting and stopping MPS"):
 
 Every ``HEALTH_S`` each daemon is asked ``get_server_list``; one that does not answer is
 started again, with a backoff (1 s doubling to 60 s). On stop each daemon gets ``quit``
-and its card goes back to ``-c DEFAULT``. Every tool call has a timeout and runs off the
-event loop (``asyncio`` subprocesses).
+and its card goes back to ``-c DEFAULT`` — also, with ``mps_quit_when_idle``, when the
+card's last slice is released (the next slice starts it again). Every tool call has a
+timeout and runs off the event loop (``asyncio`` subprocesses).
 
 MPS limits each *client process*: the agent gives each the slice's whole memory, and its
 sampling enforcement, which sums a slice's processes, holds a slice of several to its size.
@@ -92,6 +93,11 @@ class MpsDaemons:
             if daemon is None:
                 pipes = ladder.mps_pipe_dir(self._runtime, device.id)
                 daemon = self._daemons[device.id] = _Daemon(device, pipes, pipes.parent / "log")
+            if self._idle(device.id):
+                if daemon.running:
+                    await self._stop(daemon)
+                    await self._event(device.id, "stopped", why="no slice left")
+                continue
             if daemon.running and await self._healthy(daemon):
                 continue
             if daemon.running:
@@ -104,10 +110,19 @@ class MpsDaemons:
     async def stop_all(self) -> None:
         for daemon in self._daemons.values():
             if daemon.running:
-                await self._control(daemon, "quit")
-                daemon.running = False
-                await self._tool(SMI, "-i", str(daemon.device.index), "-c", "DEFAULT")
-                log.info("MPS control daemon stopped", device=daemon.device.id)
+                await self._stop(daemon)
+
+    def _idle(self, device_id: str) -> bool:
+        """No slice on the card, and the operator asked to stop MPS then."""
+        if not self.service.config.enforcement.nvidia.mps_quit_when_idle:
+            return False
+        return not any(s.device == device_id for s in self.service.live.values())
+
+    async def _stop(self, daemon: _Daemon) -> None:
+        await self._control(daemon, "quit")
+        daemon.running = False
+        await self._tool(SMI, "-i", str(daemon.device.index), "-c", "DEFAULT")
+        log.info("MPS control daemon stopped", device=daemon.device.id)
 
     # -- one daemon --------------------------------------------------------------------------
 
