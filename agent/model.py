@@ -7,8 +7,10 @@ Units live in the names (``memory_mib``, ``compute_pct``, ``power_w``); ``None``
 from __future__ import annotations
 
 import enum
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 #: The API header that presents a slice's token: a capability for that slice alone (a job
 #: dispatched from a borrower binds with it; ``xpuctl run --slice`` sends it).
@@ -143,7 +145,8 @@ class Event:
 
 
 #: The states of a borrowed lease: renewed while ``active``; the others say how it ended.
-LEASE_STATES = ("active", "returned", "reclaimed", "expired", "lost")
+LeaseState = Literal["active", "returned", "reclaimed", "expired", "lost"]
+LEASE_STATES: tuple[LeaseState, ...] = typing.get_args(LeaseState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,7 @@ class Lease:
     token: str = ""
     #: The TTL asked for at each renewal.
     ttl_s: float = 600.0
-    state: str = "active"
+    state: LeaseState = "active"
     reason: str | None = None
     created_at: float = 0.0
     ended_at: float | None = None

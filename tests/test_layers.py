@@ -37,7 +37,6 @@ LEVELS = {
     "client": 5,
     # composition roots and entry points
     "daemon": 6,
-    "demo": 6,
     "cli": 7,
 }
 

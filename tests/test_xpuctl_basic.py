@@ -68,3 +68,16 @@ def test_xpuctl_starts_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert time.monotonic() - start < 5
+
+
+def test_problems_arrive_as_their_own_classes_with_their_exit_codes() -> None:
+    from agent.client import http
+
+    doc = b'{"title": "Not found", "detail": "no slice s-1"}'
+    cases = {400: http.BadRequest, 403: http.NotAllowed, 404: http.NotFound, 409: http.DoesNotFit}
+    for status, kind in cases.items():
+        problem = http.AgentClient._problem(status, doc)
+        assert type(problem) is kind and isinstance(problem, http.ApiError)
+        assert problem.exit_code == {400: 2, 403: 3, 404: 4, 409: 5}[status]
+    other = http.AgentClient._problem(503, b"not json")
+    assert type(other) is http.ApiError and other.exit_code == 1 and "HTTP 503" in str(other)

@@ -36,19 +36,19 @@ from agent.errors import (
     Unavailable,
     XpuError,
 )
-from agent.model import Lease, ProcessRef, SliceRequest
+from agent.model import Lease, LeaseState, ProcessRef, SliceRequest
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Held:
+class HeldLease:
     lease: Lease
     renew_at: float  # this node's wall clock, like lease.expires_at
 
 
 #: How an event kind of the borrower names the lease's final state.
-_ENDED_AS = {
+_ENDED_AS: dict[str, LeaseState] = {
     "lease.returned": "returned",
     "lease.reclaimed": "reclaimed",
     "lease.expired": "expired",
@@ -79,7 +79,7 @@ class Borrower:
         self._connected = connected
         self.guard = guard
         self._clock = clock
-        self.held: dict[str, Held] = {}
+        self.held: dict[str, HeldLease] = {}
         self._waiting: dict[str, tuple[str, asyncio.Future[payloads.Reply]]] = {}
         self._notices: asyncio.Queue[payloads.Notice] = asyncio.Queue(INBOX_MAX)
 
@@ -173,7 +173,7 @@ class Borrower:
             return 0
         now = self.origin.wall()
         for lease in kept:
-            self.held[lease.slice_id] = Held(lease, renew_at=now)
+            self.held[lease.slice_id] = HeldLease(lease, renew_at=now)
         if kept:
             log.info("resumed borrowed leases", leases=[lease.slice_id for lease in kept])
         return len(kept)
@@ -275,7 +275,7 @@ class Borrower:
             created_at=now,
             holder=holder,
         )
-        self.held[grant.slice_id] = Held(lease, now + ttl / 2)
+        self.held[grant.slice_id] = HeldLease(lease, now + ttl / 2)
         try:
             await self.service.keep_lease(lease)
         except XpuError as exc:

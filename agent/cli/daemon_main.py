@@ -65,7 +65,7 @@ def check_config(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from agent import demo  # noqa: PLC0415
+        from agent.cli import demo  # noqa: PLC0415
 
         if args.check:
             return demo.check()

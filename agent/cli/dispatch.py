@@ -34,7 +34,7 @@ from typing import Any
 
 from agent.cli import render
 from agent.cli.xpuctl import LEASE_ENDED, host_body, run_local
-from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError
+from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, NotFound
 
 #: Exit code: the request fits nowhere in the pool (as ``alloc``'s 409).
 DOES_NOT_FIT = 5
@@ -209,9 +209,9 @@ def _ended(client: AgentClient, slice_id: str) -> dict[str, Any] | None:
     (the job goes on; the restarted agent renews the lease)."""
     try:
         lease: dict[str, Any] = client.get(f"/v1/pool/leases/{slice_id}")
-    except ApiError as exc:
-        return {"state": "lost", "reason": str(exc)} if exc.status == 404 else None
-    except AgentUnavailable:
+    except NotFound as exc:
+        return {"state": "lost", "reason": str(exc)}
+    except (ApiError, AgentUnavailable):
         return None
     return None if lease.get("state") in ("active", "returned") else lease
 
@@ -229,9 +229,10 @@ def _wait_ended(client: AgentClient, slice_id: str) -> dict[str, Any] | None:
 def _give_back(client: AgentClient, slice_id: str) -> None:
     try:
         client.request("DELETE", f"/v1/pool/leases/{slice_id}")
+    except NotFound:
+        pass  # ended already
     except ApiError as exc:
-        if exc.status != 404:
-            print(f"xpuctl run: could not return lease {slice_id}: {exc}", file=sys.stderr)
+        print(f"xpuctl run: could not return lease {slice_id}: {exc}", file=sys.stderr)
     except AgentUnavailable:
         print(
             f"xpuctl run: the agent is gone; it returns lease {slice_id} when back",

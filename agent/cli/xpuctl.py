@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 from agent import __version__
 from agent.cli import render
-from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, resolve_socket
+from agent.client.http import (
+    AgentClient,
+    AgentUnavailable,
+    ApiError,
+    ClientError,
+    NotFound,
+    resolve_socket,
+)
 from agent.model import SLICE_TOKEN_HEADER
 from agent.units import parse_compute_pct, parse_duration_s, parse_size_mib
 
@@ -561,9 +568,10 @@ def _release_quietly(client: AgentClient, slice_id: str) -> None:
             f"xpuctl run: the agent is gone; slice {slice_id} was not released",
             file=sys.stderr,
         )
+    except NotFound:
+        pass  # released already
     except ApiError as exc:
-        if exc.status != 404:
-            print(f"xpuctl run: could not release {slice_id}: {exc}", file=sys.stderr)
+        print(f"xpuctl run: could not release {slice_id}: {exc}", file=sys.stderr)
 
 
 def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:

@@ -52,6 +52,32 @@ class ApiError(ClientError):
         self.exit_code = self._CODES.get(status, 1)
 
 
+class BadRequest(ApiError):
+    """400/413: the request was malformed or too large (exit code 2)."""
+
+
+class NotAllowed(ApiError):
+    """403: the caller may not do this (exit code 3)."""
+
+
+class NotFound(ApiError):
+    """404: no such slice, lease, peer or device (exit code 4)."""
+
+
+class DoesNotFit(ApiError):
+    """409: does not fit, or conflicts with the state it is in (exit code 5)."""
+
+
+#: The problem classes by HTTP status (docker-py's way): callers catch what they mean.
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: BadRequest,
+    413: BadRequest,
+    403: NotAllowed,
+    404: NotFound,
+    409: DoesNotFit,
+}
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -147,13 +173,14 @@ class AgentClient:
 
     @staticmethod
     def _problem(status: int, raw: bytes) -> ApiError:
+        kind = _BY_STATUS.get(status, ApiError)
         try:
             doc = json.loads(raw)
-            return ApiError(
+            return kind(
                 status, doc.get("title", str(status)), doc.get("detail", ""), doc.get("extra") or {}
             )
         except (ValueError, AttributeError):
-            return ApiError(status, f"HTTP {status}", raw.decode(errors="replace")[:200], {})
+            return kind(status, f"HTTP {status}", raw.decode(errors="replace")[:200], {})
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         conn, response = self._open(method, path, body, None)

@@ -49,6 +49,7 @@ from agent.model import (
     Event,
     Health,
     Lease,
+    LeaseState,
     ProcessRef,
     Slice,
     SliceRequest,
@@ -543,7 +544,7 @@ class NodeService:
     async def lease_renewed(self, slice_id: str, expires_at: float) -> None:
         await self._run(lambda: self._ledger.lease_renewed(slice_id, expires_at))
 
-    async def end_lease(self, slice_id: str, state: str, reason: str) -> Lease | None:
+    async def end_lease(self, slice_id: str, state: LeaseState, reason: str) -> Lease | None:
         now = self.clock()
         return await self._run(lambda: self._ledger.end_lease(slice_id, state, reason, now))
 

@@ -30,7 +30,16 @@ from agent.errors import (
     StorageFull,
     XpuError,
 )
-from agent.model import Event, Lease, ProcessRef, Slice, SliceRequest, SliceState
+from agent.model import (
+    LEASE_STATES,
+    Event,
+    Lease,
+    LeaseState,
+    ProcessRef,
+    Slice,
+    SliceRequest,
+    SliceState,
+)
 
 LIVE_STATES = (SliceState.ACTIVE.value, SliceState.LOST.value)
 #: Written out, not bound: SQLite uses the partial index ``slices_live`` only when a query's
@@ -642,7 +651,7 @@ class Ledger:
             address=row["address"],
             token=row["token"],
             ttl_s=row["ttl_s"],
-            state=row["state"],
+            state=_lease_state(row["state"]),
             reason=row["reason"],
             created_at=row["created_at"],
             ended_at=row["ended_at"],
@@ -687,7 +696,7 @@ class Ledger:
                 (expires_at, slice_id),
             )
 
-    def end_lease(self, slice_id: str, state: str, reason: str, now: float) -> Lease | None:
+    def end_lease(self, slice_id: str, state: LeaseState, reason: str, now: float) -> Lease | None:
         """An active lease ends (``None``: it had ended already, or was never held)."""
         with self._write() as db:
             cur = db.execute(
@@ -709,3 +718,10 @@ class Ledger:
             f"SELECT * FROM leases {where} ORDER BY created_at, slice_id"  # noqa: S608
         ).fetchall()
         return [self._row_to_lease(r) for r in rows]
+
+
+def _lease_state(text: str) -> LeaseState:
+    """The schema's CHECK allows no other value; a file edited by hand is refused."""
+    if text not in LEASE_STATES:
+        raise LedgerCorruptError(f"lease state {text!r} is not one of {LEASE_STATES}")
+    return text

@@ -86,7 +86,7 @@ def _start_broker(broker: Broker, base: Path, port: int) -> subprocess.Popen[byt
         )
         command = [broker.program, "-c", str(config)]
     else:
-        command = [broker.program, "-m", "agent.demo", "--amqtt-port", str(port)]
+        command = [broker.program, "-m", "agent.cli.demo", "--amqtt-port", str(port)]
     try:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=base)
     finally:
