@@ -33,7 +33,8 @@ import time
 from typing import Any
 
 from agent.cli import render
-from agent.cli.xpuctl import LEASE_ENDED, host_body, run_local
+from agent.cli.run import LEASE_ENDED, run_local
+from agent.cli.xpuctl import host_body
 from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, NotFound
 
 #: Exit code: the request fits nowhere in the pool (as ``alloc``'s 409).
