@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.model import Device, Health, Slice
+from agent.model import Device, Health, Slice, SliceState
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,3 +74,31 @@ def totals(uses: Mapping[str, CardUse]) -> tuple[Totals, Totals]:
         sum(len(u.slices) for u in usable),
     )
     return capacity, allocated
+
+
+def idle_lendable(
+    live: Iterable[Slice], last_active: Mapping[str, float | None], horizon: float
+) -> list[tuple[Slice, int, int]]:
+    """Slices whose owner allows lending (label ``lend=true``) that are idle — no bound
+    process, and no activity sampled since ``horizon`` (their creation when never sampled)
+    — with the memory and compute of their share not yet lent out of them, most room first.
+    A borrow may take that share (``lent_from``) until the owner binds a process again."""
+    slices = list(live)
+    taken: dict[str, list[int]] = {}
+    for s in slices:
+        if s.lent_from is not None:
+            acc = taken.setdefault(s.lent_from, [0, 0])
+            acc[0] += s.memory_mib
+            acc[1] += s.compute_pct
+    found = []
+    for s in slices:
+        if s.labels.get("lend") != "true" or s.borrower is not None or s.lent_from:
+            continue
+        if s.state is not SliceState.ACTIVE or s.processes:
+            continue
+        if (last_active.get(s.id) or s.created_at) >= horizon:
+            continue
+        memory, compute = taken.get(s.id, [0, 0])
+        if memory < s.memory_mib and compute < s.compute_pct:
+            found.append((s, s.memory_mib - memory, s.compute_pct - compute))
+    return sorted(found, key=lambda f: (-f[1], -f[2], f[0].id))

@@ -24,7 +24,7 @@ from agent import placement
 from agent.config import Config
 from agent.core import ladder, matching, preempt, procs
 from agent.core.caller import Caller, require_owner, require_process_owner
-from agent.core.capacity import CardUse, Totals, card_uses, totals
+from agent.core.capacity import CardUse, Totals, card_uses, idle_lendable, totals
 from agent.core.events import EventHub
 from agent.core.host import HostLimits, host_capacity, host_limits
 from agent.core.inventory import Inventory, InventoryChange
@@ -329,30 +329,12 @@ class NodeService:
         return Totals(memory, compute, capacity.slices - allocated.slices)
 
     def idle_lendable(self) -> list[tuple[Slice, int, int]]:
-        """Slices whose owner allows lending (label ``lend=true``) that are idle — no bound
-        process, and no activity sampled for ``pool.idle_after_s`` — with the memory and
-        compute of their share not yet lent out of them, least used first."""
-        horizon = self.clock() - self.config.pool.idle_after_s
-        taken: dict[str, list[int]] = {}
-        for s in self._live.values():
-            if s.lent_from is not None:
-                acc = taken.setdefault(s.lent_from, [0, 0])
-                acc[0] += s.memory_mib
-                acc[1] += s.compute_pct
-        found = []
-        for s in self._live.values():
-            if s.labels.get("lend") != "true" or s.borrower is not None or s.lent_from:
-                continue
-            if s.state is not SliceState.ACTIVE or s.processes:
-                continue
-            usage = self.usage.get(s.id)
-            last = usage.last_active_at if usage and usage.last_active_at else s.created_at
-            if last >= horizon:
-                continue
-            memory, compute = taken.get(s.id, [0, 0])
-            if memory < s.memory_mib and compute < s.compute_pct:
-                found.append((s, s.memory_mib - memory, s.compute_pct - compute))
-        return sorted(found, key=lambda f: (-f[1], -f[2], f[0].id))
+        """Idle ``lend=true`` slices with what is left of their share (agent.core.capacity)."""
+        return idle_lendable(
+            self._live.values(),
+            {k: u.last_active_at for k, u in self.usage.items()},
+            self.clock() - self.config.pool.idle_after_s,
+        )
 
     # -- allocation -----------------------------------------------------------------------
 
