@@ -25,6 +25,9 @@ the only history a live agent has; before it has seen any it uses :data:`PRIOR_M
 
 Ties (most nodes are unaffected by most placements) go to the node left fullest (best fit),
 then to the lowest id, so free capacity stays together.
+
+Size: one module on purpose — the scorer, the mix it learns and its caches are one
+algorithm sharing private state; split, that state would become an interface.
 """
 
 from __future__ import annotations

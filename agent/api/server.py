@@ -2,6 +2,9 @@
 
 Routes are declared once in :data:`ROUTES`; the OpenAPI document is derived from the same
 table, so the two cannot drift.
+
+Size: the route table and one short handler per route, which is how the OpenAPI
+document is generated from the code.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Exit codes: 0 ok; 1 the agent is unreachable or failed; 2 bad usage or value (al
 ``run``, the command's own status, 127 when it cannot start, 128+N when ``xpuctl`` was
 ended by signal N (``run --pool``), 75 when its slice or lease ended under it (reclaimed,
 expired, freed: the line before says why), 255 when the launcher (ssh) failed.
+
+Size: the parser of every command (help texts included) and their thin handlers; ``run``
+lives in :mod:`agent.cli.run`, ``run --pool`` in :mod:`agent.cli.dispatch`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 It owns the ledger through a single worker thread (SQLite commits fsync and must not run
 on the event loop; one thread also serialises writers, so placement and insert are atomic)
 and keeps an in-memory copy of the live slices for fast reads.
+
+Size: the one way in — every operation the interfaces offer is a method here; the
+logic lives in the small modules it calls (capacity, matching, preempt, ladder, host,
+placement), so the methods stay short.
 """
 
 from __future__ import annotations

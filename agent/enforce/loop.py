@@ -18,6 +18,9 @@ ends the agent, the next start finds every process that may be stopped and resum
 A lent slice's job ends with its lease (``reconcile()``): when the slice ends — returned,
 expired, reclaimed for local demand, freed by an operator — its processes (and the groups
 they lead) get SIGTERM at once and SIGKILL after ``enforcement.grace_s``.
+
+Size: each enforcement (memory, compute duty cycle, unsliced, host limits, lease ends,
+driver limits) is a short method; together they share the held processes' state.
 """
 
 from __future__ import annotations

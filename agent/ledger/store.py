@@ -7,6 +7,9 @@ acknowledged slice survives ``kill -9``. Capacity is re-checked inside the writi
 transaction, so the ledger never holds more on a card than the card has.
 
 The store is synchronous and not thread-safe: the core owns it from one worker thread.
+
+Size: every statement that touches the SQLite file is in this one class, so that the
+transaction discipline (one writer thread, savepoints, durable commits) is seen whole.
 """
 
 from __future__ import annotations
