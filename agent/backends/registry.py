@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import cast
-
 import structlog
 
 from agent.backends.base import Backend, BackendAbsent
@@ -18,11 +15,19 @@ REAL = ("nvml", "npu-smi")
 
 
 def _create_real(name: str, config: Config) -> Backend:
-    if name == "nvml":
-        nvml = importlib.import_module("agent.backends.nvml.backend")
-        return cast(Backend, nvml.create(config.backends.nvml))
-    ascend = importlib.import_module("agent.backends.ascend.backend")
-    return cast(Backend, ascend.create(config.backends.npu_smi))
+    """The vendor module is imported only when its backend is asked for (NVML's binding,
+    npu-smi's parser): a node without the hardware never loads them."""
+    match name:
+        case "nvml":
+            from agent.backends.nvml.backend import create as create_nvml  # noqa: PLC0415
+
+            return create_nvml(config.backends.nvml)
+        case "npu-smi":
+            from agent.backends.ascend.backend import create as create_npu  # noqa: PLC0415
+
+            return create_npu(config.backends.npu_smi)
+        case _:
+            raise ConfigError("backends.enabled", f"no backend {name!r}")
 
 
 def create_backends(config: Config) -> list[Backend]:
