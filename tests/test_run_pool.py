@@ -225,9 +225,9 @@ def test_reclaim_by_a_local_allocation_ends_the_remote_job(
 def test_the_job_outlives_a_borrower_restart(
     broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
 ) -> None:
-    # Renewed every 5 s (TTL 10 s); a borrower that goes keeps its leases 6 s at most.
+    # Renewed every 3.5 s (TTL 7 s); a borrower that goes keeps its leases 4 s at most.
     a, b = pool_pair(
-        broker, sshd, agent_factory, lender_pool="lease_ttl_s = 10\nborrower_grace_s = 6"
+        broker, sshd, agent_factory, lender_pool="lease_ttl_s = 7\nborrower_grace_s = 4"
     )
     proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
     job = bound_job(b)
@@ -240,7 +240,7 @@ def test_the_job_outlives_a_borrower_restart(
         time.sleep(1.0)
         a.start()
         # Longer than the grace and the TTL: only renewals keep it.
-        time.sleep(11)
+        time.sleep(8)
         current = b.api("GET", f"/v1/slices/{job['id']}")[1]
         assert current["state"] == "active", (how, current)
         assert alive(pid) and proc.poll() is None, how
