@@ -25,7 +25,7 @@ from tests.relay import tcp_relay
 
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
 #: Seconds of fuzzing (examples, coverage, fuzzing and stateful phases share it).
-BUDGET_S = int(os.environ.get("XPU_FUZZ_SECONDS", "90"))
+BUDGET_S = int(os.environ.get("XPU_FUZZ_SECONDS", "60"))
 
 # use_after_free does not apply: a released slice stays readable (GET answers it with
 # state "released"; the history is part of the API), by design.

@@ -258,9 +258,8 @@ class AgentCollector(Collector):
             if usage is not None:
                 memory_used.add_metric(labels, usage.memory_used_mib * MIB)
                 used.add_metric(labels, usage.compute_used_pct / 100)
-                throttled.add_metric(labels, 1 if usage.throttled else 0)
-            else:
-                throttled.add_metric(labels, 0)
+            note = service.notes.get(s.id)
+            throttled.add_metric(labels, 1 if note is not None and note.throttled else 0)
             if s.expires_at is not None:
                 expiry.add_metric(labels, s.expires_at)
         yield from (info, memory_limit, memory_used, quota, used, throttled, processes, expiry)

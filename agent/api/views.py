@@ -7,7 +7,7 @@ from agent.api import schema
 from agent.core.caller import Caller
 from agent.core.capacity import CardUse
 from agent.core.pool import Peer, Pool
-from agent.core.service import NodeService
+from agent.core.service import EnforcementNote, NodeService
 from agent.model import Health, Lease, Slice
 
 
@@ -17,6 +17,7 @@ def slice_view(
     """``token``: the caller presented this slice token; the right one shows the slice as
     to its owner (a dispatched job's ``xpuctl run --slice`` reads its environment)."""
     usage = service.usage.get(slice_.id)
+    note = service.notes.get(slice_.id, EnforcementNote())
     mine = caller.admin or caller.uid == slice_.owner_uid or service.holds_token(slice_, token)
     return schema.SliceView(
         id=slice_.id,
@@ -41,8 +42,8 @@ def slice_view(
         usage=schema.SliceUsageView(
             memory_used_mib=round(usage.memory_used_mib, 1),
             compute_used_pct=round(usage.compute_used_pct, 1),
-            throttled=usage.throttled,
-            last_action=usage.last_action,
+            throttled=note.throttled,
+            last_action=note.last_action,
         )
         if usage
         else None,

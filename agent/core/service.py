@@ -66,13 +66,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class SliceUsage:
-    """What a slice's processes used in the last sample, and what the enforcer did."""
+    """What a slice's processes used in the last sample (the service is its one writer)."""
 
     memory_used_mib: float = 0.0
     compute_used_pct: float = 0.0
+    last_active_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnforcementNote:
+    """What the enforcer last did to a slice (the enforcer is its one writer)."""
+
     throttled: bool = False
     last_action: str | None = None
-    last_active_at: float | None = None
 
 
 class NodeService:
@@ -94,6 +100,9 @@ class NodeService:
         self._stopped = StoppedRecord(Path(config.paths.runtime_dir))
         self._live: dict[str, Slice] = {}
         self.usage: dict[str, SliceUsage] = {}
+        #: The enforcer's record of what it did per slice, read here by the interfaces; the
+        #: enforcer hands its own mapping over (:class:`agent.enforce.loop.Enforcer`).
+        self.notes: Mapping[str, EnforcementNote] = {}
         self.unsliced: dict[str, tuple[int, ...]] = {}
         self._on_change: list[Callable[[], None]] = []
         #: Bumped on every change of the live slices (keys the matching cache).

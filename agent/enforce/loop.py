@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.core import ladder
-from agent.core.service import NodeService, SliceUsage
+from agent.core.service import EnforcementNote, NodeService
 from agent.enforce import actions, policy
 from agent.enforce.actions import Target
 from agent.errors import XpuError
@@ -95,6 +95,9 @@ class Enforcer:
         self._driver_failed: set[str] = set()
         #: Driver limits of ended slices still to clear: (slice, device, cgroup path).
         self._driver_clear: list[tuple[str, str, str]] = []
+        #: What it last did per slice: its own record, which the service shows.
+        self.notes: dict[str, EnforcementNote] = {}
+        service.notes = self.notes
         service.on_change(self.reconcile)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -129,6 +132,8 @@ class Enforcer:
         """``NodeService.on_change``: a slice that ended (released, expired, lost) or a
         process that was unbound is resumed at once, before the API call returns."""
         live = self.service.live
+        for slice_id in [s for s in self.notes if s not in live]:
+            del self.notes[slice_id]
         for slice_id in [s for s in self._driver_limited if s not in live]:
             device, where, _ = self._driver_limited.pop(slice_id)
             self._driver_clear.append((slice_id, device, where))
@@ -452,15 +457,15 @@ class Enforcer:
     def _note(
         self, slice_id: str, *, throttled: bool | None = None, last_action: str | None = None
     ) -> None:
-        """Telemetry: ``throttled`` and ``last_action`` of the slice's usage."""
+        """Telemetry: ``throttled`` and ``last_action`` of the slice (``notes``)."""
         if slice_id not in self.service.live:
             return
-        usage = self.service.usage.get(slice_id, SliceUsage())
+        note = self.notes.get(slice_id, EnforcementNote())
         if throttled is not None:
-            usage = dataclasses.replace(usage, throttled=throttled)
+            note = dataclasses.replace(note, throttled=throttled)
         if last_action is not None:
-            usage = dataclasses.replace(usage, last_action=last_action)
-        self.service.usage[slice_id] = usage
+            note = dataclasses.replace(note, last_action=last_action)
+        self.notes[slice_id] = note
 
     # -- the actuator ---------------------------------------------------------------------
 
