@@ -136,9 +136,11 @@ def reconfigure(agent: AgentProcess, old: str, new: str) -> None:
     wait_for(lambda: "configuration reloaded" in agent.log(), 5)
 
 
-def finish(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.kill()
-    child.wait()
-    if child.stdout is not None:
-        child.stdout.close()
+def finish(*children: subprocess.Popen[bytes]) -> None:
+    """Kill (if need be), reap and close each child."""
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -221,6 +222,13 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05) 
             return last
         time.sleep(interval_s)
     raise TimeoutError(f"condition not met in {timeout_s}s (last: {last!r})")
+
+
+async def until(predicate: Any, timeout_s: float = 10.0) -> None:
+    """In an asyncio test: wait (without blocking the loop) until ``predicate()`` holds."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 def spawn(code: str, env: Mapping[str, str] | None = None, **kw: Any) -> subprocess.Popen[bytes]:

@@ -9,7 +9,7 @@ import contextlib
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import aiomqtt
 import pytest
@@ -17,15 +17,9 @@ import pytest
 from agent.bus.connection import QUEUE_MAX, Connection, Outgoing
 from agent.config import MqttConfig
 from tests.broker import MOSQUITTO, Mosquitto, free_port, read_retained, topic_root
+from tests.harness import until
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto().start()
-    yield mosquitto
-    mosquitto.cleanup()
 
 
 class Probe:
@@ -73,14 +67,6 @@ async def running(probe: Probe, wait: bool = True) -> AsyncIterator[Probe]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.01)
 
 
 def client_socket(connection: Connection) -> socket.socket:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not inst
 
 ONE_CARD = '[{ model = "MockA100-80G", memory_mib = 81920, count = 1 }]'
 H100 = '[{ model = "MockH100-80G", memory_mib = 81920, count = 1 }]'
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto().start()
-    yield mosquitto
-    mosquitto.cleanup()
 
 
 def pair(

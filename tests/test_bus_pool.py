@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -15,13 +15,6 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not inst
 
 A100 = '[{ model = "MockA100-80G", memory_mib = 81920, count = 2 }]'
 H100 = '[{ model = "MockH100-80G", memory_mib = 81920, count = 2 }]'
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto().start()
-    yield mosquitto
-    mosquitto.cleanup()
 
 
 def placeable(agent: AgentProcess) -> set[str]:

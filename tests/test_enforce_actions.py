@@ -12,6 +12,7 @@ import psutil
 from agent.enforce import actions
 from agent.enforce.actions import Target
 from agent.model import ProcessRef
+from tests.enforce_support import finish
 from tests.harness import PY, spawn, wait_for
 
 SLEEP = "import time\ntime.sleep(60)\n"
@@ -31,15 +32,6 @@ def state(pid: int) -> str:
 
 def ref_of(pid: int) -> ProcessRef:
     return ProcessRef(pid, psutil.Process(pid).create_time())
-
-
-def finish(*children: subprocess.Popen[bytes]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 def test_a_recycled_pid_is_never_signalled() -> None:

@@ -24,6 +24,7 @@ from agent.core.service import NodeService
 from agent.enforce import mps
 from agent.ledger.store import Ledger
 from agent.model import Device, DeviceSample, SliceRequest, Vendor
+from tests.harness import until
 
 FAKES = Path(__file__).resolve().parent / "fake_mps"
 GPU = Device("nvidia-GPU-1", "cards", Vendor.NVIDIA, "NVIDIA H100", 2, 81920, uuid="GPU-1111-2222")
@@ -64,12 +65,6 @@ def recorded(tmp_path: Path) -> list[str]:
     pipes = str(ladder.mps_pipe_dir(tmp_path / "run", GPU.id))
     lines = path.read_text().splitlines() if path.exists() else []
     return [line.replace(pipes, "<pipes>") for line in lines]
-
-
-async def until(predicate: object, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
 
 
 async def test_start_slice_environment_restart_and_stop(

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tests.fake_pynvml import (
     FakeNvml,
     FakeProcess,
 )
+from tests.harness import until
 
 MIB = 1024 * 1024
 # Functions the health thread calls; everything else must run on the one worker thread.
@@ -75,12 +76,6 @@ async def backend(driver: FakeDriver) -> AsyncIterator[NvmlBackend]:
     b = await start(driver)
     yield b
     await b.close()
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def health_of(backend: Backend, device_id: str) -> tuple[Health, str | None]:
