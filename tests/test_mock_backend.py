@@ -73,11 +73,13 @@ def test_daemon_reports_process_memory_on_its_card(agent: AgentProcess) -> None:
         assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
 
         def used() -> float:
+            # A sample taken while the child was still touching its pages (before "ready"
+            # was read) shows less: wait for one of the whole block.
             _, device, _ = agent.api("GET", "/v1/devices/mock-2")
             value: float = device["memory_used_mib"] or 0.0
-            return value if value > 250 else 0.0
+            return value if value >= 290 else 0.0
 
-        assert 290 <= wait_for(used, 10) <= 340
+        assert wait_for(used, 10) <= 340
         _, device, _ = agent.api("GET", "/v1/devices/mock-2")
         assert child.pid in device["unsliced_pids"]
     finally:

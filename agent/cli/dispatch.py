@@ -166,7 +166,7 @@ def _run_remote(
         print(f"xpuctl run: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
         _give_back(client, slice_id)
         return 127
-    returned = False
+    returned = terminated = False
     ended: dict[str, Any] | None = None
     deadline: float | None = None
     next_look = time.monotonic() + WATCH_S
@@ -187,10 +187,14 @@ def _run_remote(
             if ended is not None:
                 deadline = now + LINGER_S
         if deadline is not None and now >= deadline:
-            launcher.terminate()
-            deadline = now + 2.0 if launcher.poll() is None else None
-            if launcher.poll() is None:
+            # The job should have ended with its lease: stop waiting for the launcher,
+            # politely first (SIGTERM), then for good two seconds later.
+            if not terminated:
+                launcher.terminate()
+                terminated, deadline = True, now + 2.0
+            else:
                 launcher.kill()
+                deadline = None
     if ended is None and not returned:
         if status == LEASE_ENDED:  # the lender's side saw the slice end: wait for why
             ended = _wait_ended(client, slice_id)
