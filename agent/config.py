@@ -108,6 +108,9 @@ class HostConfig(_Section):
     reserved_memory: str | int = "2GiB"
 
 
+#: MPS's own default pipe directory: slice environments name another one only.
+DEFAULT_MPS_PIPES = "/tmp/nvidia-mps"  # noqa: S108 - NVIDIA's default, not ours
+
 EnforcementRung = Literal["nvml-limits", "mps", "hami-core", "sampling"]
 
 
@@ -124,7 +127,7 @@ class NvidiaEnforcementConfig(_Section):
     #: slice is released, and start it again with the next one.
     mps_quit_when_idle: bool = False
     #: MPS's own default pipe directory (``CUDA_MPS_PIPE_DIRECTORY``).
-    mps_pipe_directory: str = "/tmp/nvidia-mps"  # noqa: S108 - NVIDIA's default, not ours
+    mps_pipe_directory: str = DEFAULT_MPS_PIPES
     #: HAMi-core's ``libvgpu.so``: ``xpuctl run`` then puts it in ``LD_PRELOAD`` itself, and
     #: allocations beyond the slice fail inside the process (empty: not used).
     hami_core: str = ""

@@ -38,6 +38,8 @@ pytestmark = [
 SMALL = '[{ model = "MockA100-16G", memory_mib = 16384, count = 1 }]'
 BIG = '[{ model = "MockA100-80G", memory_mib = 81920, count = 1 }]'
 XPUCTL = str(Path(sys.executable).parent / "xpuctl")
+#: ``run --pool`` of a 40 GiB / 30 % job: it fits only on the lender's card.
+JOB = ("--pool", "--memory", "40GiB", "--compute", "30", "--")
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +134,7 @@ def test_run_pool_runs_on_the_lender_bound_and_enforced(
     )
     proc = run_pool(
         a,
-        "--pool",
-        "--memory",
-        "40GiB",
-        "--compute",
-        "30",
-        "--",
+        *JOB,
         "sh",
         "-c",
         script,
@@ -182,7 +179,7 @@ def test_ctrl_c_ends_the_remote_job_and_returns_the_lease(
     broker: Mosquitto, sshd: Sshd, agent_factory: Callable[..., AgentProcess]
 ) -> None:
     a, b = pool_pair(broker, sshd, agent_factory)
-    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    proc = run_pool(a, *JOB, "sleep", "120")
     job = bound_job(b)
     pid = job["processes"][0]["pid"]
     assert alive(pid)
@@ -229,7 +226,7 @@ def test_the_job_outlives_a_borrower_restart(
     a, b = pool_pair(
         broker, sshd, agent_factory, lender_pool="lease_ttl_s = 7\nborrower_grace_s = 4"
     )
-    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    proc = run_pool(a, *JOB, "sleep", "120")
     job = bound_job(b)
     pid = job["processes"][0]["pid"]
     for how in ("SIGTERM", "kill -9"):
@@ -316,7 +313,7 @@ def test_the_token_is_a_capability_for_its_slice_alone(
     ensure_group(GROUP)
     bob = ensure_user("xa-bob", [GROUP]).uid
     a, b = pool_pair(broker, sshd, agent_factory, api=f'[api]\nsocket_group = "{GROUP}"\n')
-    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    proc = run_pool(a, *JOB, "sleep", "120")
     job = bound_job(b)
     token = job["env"]["XPU_SLICE_TOKEN"]
     other = json_out(b.xpuctl("--json", "alloc", "--memory", "1GiB", "--compute", "10"))
@@ -349,7 +346,7 @@ def test_a_killed_xpuctl_leaves_no_lease_behind(
     # The lease follows its holder: with xpuctl gone (kill -9: no chance to return it),
     # the borrower's agent returns it, and the lender ends the job.
     a, b = pool_pair(broker, sshd, agent_factory)
-    proc = run_pool(a, "--pool", "--memory", "40GiB", "--compute", "30", "--", "sleep", "120")
+    proc = run_pool(a, *JOB, "sleep", "120")
     job = bound_job(b)
     pid = job["processes"][0]["pid"]
     proc.kill()
@@ -376,12 +373,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(
     # SIGTERM ignored by the shell and (inherited) by its sleep.
     proc = run_pool(
         a,
-        "--pool",
-        "--memory",
-        "40GiB",
-        "--compute",
-        "30",
-        "--",
+        *JOB,
         "sh",
         "-c",
         "trap '' TERM; sleep 120",

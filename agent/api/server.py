@@ -235,17 +235,14 @@ async def post_slices(request: web.Request) -> web.Response:
     return _json(views.slice_view(service, slice_, caller), status=201 if created else 200)
 
 
-TOKEN_HEADER = SLICE_TOKEN_HEADER
-
-
 #: A slice token is 32 characters; the header is refused (400) beyond this.
 TOKEN_MAX = 128
 
 
 def _token(request: web.Request) -> str | None:
-    token = request.headers.get(TOKEN_HEADER) or None
+    token = request.headers.get(SLICE_TOKEN_HEADER) or None
     if token is not None and len(token) > TOKEN_MAX:
-        raise BadRequest(f"{TOKEN_HEADER} must be at most {TOKEN_MAX} characters")
+        raise BadRequest(f"{SLICE_TOKEN_HEADER} must be at most {TOKEN_MAX} characters")
     return token
 
 
@@ -427,7 +424,7 @@ _WRITE = (400, 403, 404, 409, 413, 503, 507)
 _ID = Param("id", "path", {"type": "string", "minLength": 1, "maxLength": 128})
 _PID = Param("pid", "path", {"type": "integer", "minimum": 1, "maximum": 2**22})
 _TOKEN = Param(
-    TOKEN_HEADER, "header", {"type": "string", "maxLength": TOKEN_MAX}, "the slice's token"
+    SLICE_TOKEN_HEADER, "header", {"type": "string", "maxLength": TOKEN_MAX}, "the slice's token"
 )
 _FLAG = {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from agent.cli import render
 from agent.cli.run import LEASE_ENDED, run_local
-from agent.cli.xpuctl import host_body
+from agent.cli.xpuctl import request_body
 from agent.client.http import AgentClient, AgentUnavailable, ApiError, ClientError, NotFound
 
 #: Exit code: the request fits nowhere in the pool (as ``alloc``'s 409).
@@ -104,19 +104,11 @@ def _most_room(client: AgentClient) -> str:
     return f"; most room: {best[2]} with {render.mib(best[1])} and {best[0]} % free"
 
 
-def _request_body(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``place`` and ``borrow`` are asked: the card share, models, host needs."""
-    body: dict[str, Any] = {"memory_mib": args.memory, "compute_pct": args.compute}
-    if args.model:
-        body["model"] = args.model
-    return body | host_body(args)
-
-
 def run_pool(client: AgentClient, args: argparse.Namespace, cmd: list[str]) -> int:
     if args.memory is None or args.compute is None:
         print("xpuctl run: error: --pool needs --memory and --compute", file=sys.stderr)
         return 2
-    wanted = _request_body(args)
+    wanted = request_body(args)
     here = client.get("/v1/node")["node"]
     if args.node in (None, here):
         ranked = client.request("POST", "/v1/pool/place", wanted | {"limit": 1})

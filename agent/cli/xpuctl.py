@@ -447,15 +447,17 @@ def cmd_run(client: AgentClient, args: argparse.Namespace) -> int:
     return run_local(client, args, cmd)
 
 
-def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {
-        "memory_mib": args.memory,
-        "compute_pct": args.compute,
-        "limit": args.limit,
-    }
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``place``, ``borrow`` and ``run --pool`` ask for: the card share, the models,
+    the host's CPU and memory."""
+    body: dict[str, Any] = {"memory_mib": args.memory, "compute_pct": args.compute}
     if args.model:
         body["model"] = args.model
-    body |= host_body(args)
+    return body | host_body(args)
+
+
+def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
+    body = request_body(args) | {"limit": args.limit}
     return _print(
         args,
         client.request("POST", "/v1/pool/place", body),
@@ -464,11 +466,10 @@ def cmd_place(client: AgentClient, args: argparse.Namespace) -> int:
 
 
 def cmd_borrow(client: AgentClient, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"memory_mib": args.memory, "compute_pct": args.compute}
-    for key, value in (("node", args.node), ("ttl_s", args.ttl), ("model", args.model)):
+    body = request_body(args)
+    for key, value in (("node", args.node), ("ttl_s", args.ttl)):
         if value:
             body[key] = value
-    body |= host_body(args)
     lease = client.request("POST", "/v1/pool/borrow", body)
 
     def text(lease: dict[str, Any]) -> str:

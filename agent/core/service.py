@@ -25,7 +25,7 @@ from typing import TypeVar
 import structlog
 
 from agent import placement
-from agent.config import Config
+from agent.config import DEFAULT_MPS_PIPES, Config
 from agent.core import ladder, matching, preempt, procs
 from agent.core.caller import Caller, require_owner, require_process_owner
 from agent.core.capacity import CardUse, Totals, card_uses, idle_lendable, totals
@@ -203,15 +203,14 @@ class NodeService:
 
     def env(self, slice_: Slice) -> dict[str, str]:
         nvidia = self.config.enforcement.nvidia
-        default_pipes = type(nvidia)().mps_pipe_directory
-        pipes = nvidia.mps_pipe_directory if nvidia.mps == "external" else default_pipes
+        pipes = nvidia.mps_pipe_directory if nvidia.mps == "external" else DEFAULT_MPS_PIPES
         if nvidia.mps == "managed":
             pipes = str(ladder.mps_pipe_dir(self.config.paths.runtime_dir, slice_.device))
         return slice_environment(
             slice_,
             self.inventory.devices.get(slice_.device),
             nvidia.hami_core,
-            "" if pipes == default_pipes else pipes,
+            "" if pipes == DEFAULT_MPS_PIPES else pipes,
         )
 
     async def get(self, slice_id: str) -> Slice:

@@ -373,7 +373,9 @@ class Enforcer:
                     await backend.set_memory_limit(device, where, None)
             if self._cgroups is not None and slice_id not in self._held:
                 self._cgroups.dissolve(slice_id)
-        if self._cgroups is None:
+        if self._cgroups is None or not any(
+            r.name == ladder.NVML_LIMITS for r in service.rungs.values()
+        ):
             return
         for slice_ in list(service.live.values()):
             rung = service.rungs.get(slice_.device)

@@ -64,7 +64,7 @@ class _Daemon:
     running: bool = False
     failures: int = 0
     next_try: float = 0.0
-    server_uids: set[int] = field(default_factory=set)
+    #: Slices already reported waiting for another uid's MPS server.
     waiting_told: set[str] = field(default_factory=set)
 
 
