@@ -3,7 +3,7 @@
     python -m benchmarks.place_latency --nodes NODES.csv --pods PODS.csv \\
         [--arrival 0.9] [--requests 2000] [--json]
 
-The pool is the trace's 1,213 GPU nodes, each a peer as the bus delivers it (``Peer`` with
+The pool is the trace's 1,213 GPU nodes, each a peer as the bus delivers it (``PeerCards``:
 its cards and spare host CPU and memory), in the state the agent's own placement leaves
 them after ``--arrival`` of the trace's tasks (seed 42). A real ``NodeService`` (mock cards,
 a ledger in a temporary directory) that has seen those requests answers
@@ -32,7 +32,7 @@ from agent import placement
 from agent.config import from_mapping
 from agent.core.events import EventHub
 from agent.core.inventory import Inventory
-from agent.core.pool import Peer, PeerDevice
+from agent.core.pool import PeerCards, PeerDevice
 from agent.core.service import NodeService
 from agent.ledger.store import Ledger
 from agent.model import SliceRequest
@@ -48,17 +48,13 @@ from benchmarks.placement_sim import (
 )
 
 
-def _peers(cluster: Cluster) -> list[Peer]:
+def _peers(cluster: Cluster) -> list[PeerCards]:
     peers = []
     for i, spec in enumerate(cluster.specs):
         cards = cluster.cards[i]
         peers.append(
-            Peer(
+            PeerCards(
                 node=spec.name,
-                state="online",
-                placeable=True,
-                age_s=1.0,
-                agent="bench",
                 devices=tuple(
                     PeerDevice(
                         id=f"{j:02d}",
@@ -73,8 +69,6 @@ def _peers(cluster: Cluster) -> list[Peer]:
                     )
                     for j, free in enumerate(cards)
                 ),
-                lendable_memory_mib=0,
-                lendable_compute_pct=0,
                 cpu_free_milli=cluster.cpu[i],
                 host_memory_free_mib=cluster.mem[i],
             )
@@ -94,7 +88,7 @@ def _request(task: Task) -> SliceRequest:
 
 
 async def _measure(
-    peers: Sequence[Peer], seen: Sequence[Task], asks: Sequence[Task]
+    peers: Sequence[PeerCards], seen: Sequence[Task], asks: Sequence[Task]
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config = from_mapping(

@@ -286,10 +286,15 @@ class _Bus(StandalonePool):
 
     def peers(self) -> Sequence[Peer]:
         card = PeerDevice("npu-0-0", "Ascend910B3", "ascend", "ok", 65536, 32768, 50, 1)
+        now = 1000.0  # heard 2.5 s, 1 s and 99 s ago on the peers' clock
         return (
-            Peer("b-node", "online", True, 2.5, "0.1.0", (card,), 32768, 50),
-            Peer("a-node", "online", True, 1.0, "0.1.0", (card,), 1024, 10),
-            Peer("c-node", "offline", False, 99.0, "0.1.0", (), 0, 0),
+            Peer(
+                "b-node", "online", True, now - 2.5, "0.1.0", (card,), 32768, 50, clock=lambda: now
+            ),
+            Peer(
+                "a-node", "online", True, now - 1.0, "0.1.0", (card,), 1024, 10, clock=lambda: now
+            ),
+            Peer("c-node", "offline", False, now - 99, "0.1.0", (), 0, 0, clock=lambda: now),
         )
 
 

@@ -186,6 +186,8 @@ class MqttView(msgspec.Struct, kw_only=True):
     published: int = 0
     #: Peer messages dropped, by reason: oversized, malformed, spoofed, stale, ...
     dropped: dict[str, int] = {}
+    #: Peers heard of (listed in the pool).
+    peers: int = 0
     #: Peers heard of whose cards have not arrived yet (not placeable).
     peers_incomplete: int = 0
     #: Retained state replaced in the intake by newer state before it was read.

@@ -43,9 +43,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", NodeService)
 POOL = web.AppKey("pool", Pool)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+POOL_ENCODER = web.AppKey("pool-encoder", views.PoolEncoder)
 POOL_CACHE: web.AppKey[dict[str, tuple[float, bytes]]] = web.AppKey("pool-cache")
-#: Pools of at least this many peers are encoded off the loop and their document reused
-#: for up to POOL_CACHE_S seconds.
+#: Pool documents of at least this many peers are encoded off the loop and reused for up
+#: to POOL_CACHE_S seconds (readers polling a big pool cost one encoding a second).
 POOL_CACHE_FROM = 1000
 POOL_CACHE_S = 1.0
 CALLER = "xpu.caller"
@@ -280,11 +281,13 @@ async def delete_process(request: web.Request) -> web.Response:
 
 
 async def get_pool(request: web.Request) -> web.Response:
-    """Every peer (filtered by ``node``, ``model`` or ``placeable``). A large pool's
-    document — 14 MB and ~60 ms to build for 10,000 peers of 8 cards — is built in a
-    thread and reused for up to ``POOL_CACHE_S``, so that readers polling it cost the loop
-    one snapshot a second, not one each; per-peer reads (``/v1/pool/peers/{node}``) and
-    small pools are always fresh."""
+    """Every peer (filtered by ``node``, ``model`` or ``placeable``). The pool keeps each
+    peer's view until news of it arrives, and each peer's cards are encoded once per
+    change (:class:`views.PoolEncoder`). A large pool's document (14 MB for 10,000 peers
+    of 8 cards) is encoded in a thread, so that the loop serves others meanwhile, and
+    reused for up to ``POOL_CACHE_S``, so that many readers polling it cost one encoding a
+    second, not one each; per-peer reads (``/v1/pool/peers/{node}``) and small pools are
+    always fresh."""
     cache = request.app[POOL_CACHE]
     key = request.query_string
     now = time.monotonic()
@@ -295,6 +298,7 @@ async def get_pool(request: web.Request) -> web.Response:
     model = _query_text(request, "model", 256)
     placeable = _query_flag(request, "placeable")
     peers: Sequence[Peer] = request.app[POOL].peers()
+    whole = node is None and not model and not placeable
     if node is not None:
         peers = [p for p in peers if p.node == node]
     if model:
@@ -302,17 +306,14 @@ async def get_pool(request: web.Request) -> web.Response:
         peers = [p for p in peers if p.has_model(wanted)]
     if placeable:
         peers = [p for p in peers if p.placeable]
+    encoder = request.app[POOL_ENCODER]
     if len(peers) < POOL_CACHE_FROM:
-        return web.Response(body=_encode_peers(peers), content_type=JSON)
-    body = await asyncio.to_thread(_encode_peers, peers)
+        return web.Response(body=encoder.encode(peers, whole), content_type=JSON)
+    body = await asyncio.to_thread(encoder.encode, peers, whole)
     if len(cache) > 64:
         cache.clear()
     cache[key] = (now, body)
     return web.Response(body=body, content_type=JSON)
-
-
-def _encode_peers(peers: Sequence[Peer]) -> bytes:
-    return msgspec.json.encode([views.peer_view(p) for p in peers])
 
 
 async def get_peer(request: web.Request) -> web.Response:
@@ -328,7 +329,7 @@ async def post_place(request: web.Request) -> web.Response:
     body: schema.PlaceBody = await _body(request, schema.PlaceBody)
     ranked = service.place(
         _asked(body, caller_of(request).uid),
-        request.app[POOL].peers(),
+        request.app[POOL].placeable(),
         body.limit,
     )
     return _json(
@@ -599,6 +600,7 @@ def build_app(
     )
     app[SERVICE] = service
     app[POOL] = pool
+    app[POOL_ENCODER] = views.PoolEncoder()
     app[POOL_CACHE] = {}
     if metrics is not None:
         app[METRICS] = metrics

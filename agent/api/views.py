@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
 from agent import __version__
 from agent.api import schema
 from agent.core.caller import Caller
 from agent.core.capacity import CardUse
-from agent.core.pool import Peer, Pool
+from agent.core.pool import Peer, PeerDevice, Pool
 from agent.core.service import EnforcementNote, NodeService
 from agent.model import Health, Lease, Slice
 
@@ -150,6 +155,7 @@ def node_view(service: NodeService, pool: Pool) -> schema.NodeView:
             received=link.received,
             published=link.published,
             dropped=dict(link.dropped),
+            peers=link.peers,
             peers_incomplete=link.peers_incomplete,
             coalesced=link.coalesced,
             stalls=link.stalls,
@@ -165,23 +171,79 @@ def peer_view(peer: Peer) -> schema.PeerView:
         age_s=round(peer.age_s, 3),
         agent=peer.agent,
         address=peer.address,
-        devices=[
-            schema.PeerDeviceView(
-                id=d.id,
-                model=d.model,
-                vendor=d.vendor,
-                health=d.health,
-                memory_total_mib=d.memory_total_mib,
-                memory_free_mib=d.memory_free_mib,
-                compute_free_pct=d.compute_free_pct,
-                slices=d.slices,
-            )
-            for d in peer.devices
-        ],
+        devices=_device_views(peer.devices),
         lendable_memory_mib=peer.lendable_memory_mib,
         lendable_compute_pct=peer.lendable_compute_pct,
         lends=peer.lends,
     )
+
+
+def _device_views(devices: Sequence[PeerDevice]) -> list[schema.PeerDeviceView]:
+    return [
+        schema.PeerDeviceView(
+            id=d.id,
+            model=d.model,
+            vendor=d.vendor,
+            health=d.health,
+            memory_total_mib=d.memory_total_mib,
+            memory_free_mib=d.memory_free_mib,
+            compute_free_pct=d.compute_free_pct,
+            slices=d.slices,
+        )
+        for d in devices
+    ]
+
+
+#: :class:`schema.PeerView` with its cards already encoded (same fields, same order).
+_PeerWire: Any = msgspec.defstruct(
+    "PeerWire",
+    [
+        (f.encode_name, msgspec.Raw if f.name == "devices" else f.type, f.default)
+        if f.default is not msgspec.NODEFAULT
+        else (f.encode_name, msgspec.Raw if f.name == "devices" else f.type)
+        for f in msgspec.structs.fields(schema.PeerView)
+    ],
+    kw_only=True,
+)
+
+
+class PoolEncoder:
+    """``GET /v1/pool``'s document: the bytes of ``[peer_view(p) for p in peers]``, but
+    each peer's cards — nine tenths of it — are encoded once per change of them (its
+    :class:`PeerDevice` tuple is replaced, never changed, when news of them arrives), not
+    on every read: 10,000 peers of 8 cards took ~250 ms to encode afresh."""
+
+    def __init__(self) -> None:
+        self._cards: dict[str, tuple[tuple[PeerDevice, ...], msgspec.Raw]] = {}
+
+    def encode(self, peers: Sequence[Peer], whole: bool = True) -> bytes:
+        """``whole``: ``peers`` is the whole pool (not a filtered part of it), so cards of
+        peers not in it are forgotten."""
+        cache = self._cards
+        wires = []
+        for peer in peers:
+            hit = cache.get(peer.node)
+            if hit is None or hit[0] is not peer.devices:
+                hit = (peer.devices, msgspec.Raw(msgspec.json.encode(_device_views(peer.devices))))
+                cache[peer.node] = hit
+            wires.append(
+                _PeerWire(
+                    node=peer.node,
+                    state=peer.state,
+                    placeable=peer.placeable,
+                    age_s=round(peer.age_s, 3),
+                    agent=peer.agent,
+                    address=peer.address,
+                    devices=hit[1],
+                    lendable_memory_mib=peer.lendable_memory_mib,
+                    lendable_compute_pct=peer.lendable_compute_pct,
+                    lends=peer.lends,
+                )
+            )
+        if whole and len(cache) > len(peers):  # peers gone
+            keep = {p.node for p in peers}
+            self._cards = {n: v for n, v in cache.items() if n in keep}
+        return msgspec.json.encode(wires)
 
 
 def lease_view(service: NodeService, lease: Lease, caller: Caller) -> schema.LeaseView:

@@ -200,7 +200,13 @@ class Borrower:
                 raise Conflict(f"peer {node} is {peer.state}: not placeable")
             lenders = [node]
         else:
-            ranked = self.service.place(wanted, [p for p in known if p.lends], 100, local=False)
+            ranked = self.service.place(
+                wanted,
+                [p.cards for p in known if p.placeable and p.cards is not None],
+                100,
+                local=False,
+                among={p.node for p in known if p.lends},
+            )
             lenders = list(dict.fromkeys(c.node for c in ranked))
             # Then peers whose lendable capacity (idle lend=true slices) covers it.
             lenders += [

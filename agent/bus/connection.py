@@ -48,6 +48,12 @@ QUEUE_MAX = 1000
 #: Seconds a goodbye (retained ``offline``) may take before we disconnect anyway.
 GOODBYE_TIMEOUT_S = 2.0
 OPERATION_TIMEOUT_S = 5.0
+#: Seconds a refetch's SUBACK/UNSUBACK may take: Mosquitto 2.0.11 sent no SUBACK at all
+#: for a SUBSCRIBE that arrived while it was dropping our outgoing messages (measured), so
+#: waiting the ordinary twice-the-keep-alive would stall the refetch for a minute.
+REFETCH_TIMEOUT_S = 5.0
+#: Messages read from the intake per wake-up of the receiver.
+READ_BATCH = 256
 #: Seconds a QoS 1 probe to our own inbox may take before the session counts as stalled.
 PROBE_TIMEOUT_S = 10.0
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -196,6 +202,23 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self.state == "connected"
+
+    def backlog(self) -> int:
+        """Messages received and not yet handled."""
+        current = self._intake.current
+        return 0 if current is None else current.qsize()
+
+    async def caught_up(self) -> None:
+        """Return once every message received so far has been handled."""
+        await self._intake.drained.wait()
+
+    def quiet_s(self) -> float:
+        """Seconds since the last message arrived, if every one has been handled; 0 while
+        some wait (a burst is still being read)."""
+        if self.backlog():
+            return 0.0
+        last = self._intake.last_put_at
+        return float("inf") if last == 0.0 else time.monotonic() - last
 
     @property
     def supports_properties(self) -> bool:
@@ -457,25 +480,37 @@ class Connection:
     async def refetch(self, topics: Sequence[str]) -> bool:
         """Ask the broker again for the retained messages of ``topics`` (subscribe to each
         exactly, then drop those extra subscriptions; the wildcard ones stay). False when
-        not connected."""
+        not connected or not acknowledged in time (the topics are then still missing and
+        asked for again later)."""
         client = self._client
         if client is None or not topics:
             return False
-        await client.subscribe([(t, 0) for t in topics], timeout=self._ack_timeout_s)
-        await client.unsubscribe(list(topics), timeout=self._ack_timeout_s)
-        return True
+        try:
+            await client.subscribe([(t, 0) for t in topics], timeout=REFETCH_TIMEOUT_S)
+            return True
+        except aiomqtt.MqttError as exc:
+            log.info("refetch not acknowledged; asking again later", error=str(exc))
+            return False
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(list(topics), timeout=REFETCH_TIMEOUT_S)
 
     async def _receiver(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            self.received += 1
-            if self.probe_topic is not None and message.topic.matches(self.probe_topic):
-                if message.payload == self._probe_token:
-                    self._probe_back.set()
-                continue  # our own probe (or a stranger's): not for the handlers
-            try:
-                self._on_message(message)
-            except Exception:
-                log.exception("mqtt message handler failed", topic=str(message.topic))
+        async for first in client.messages:
+            current = self._intake.current
+            for message in [first, *(current.take(READ_BATCH) if current else ())]:
+                self._handle(message)
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        self.received += 1
+        if message.topic.value == self.probe_topic:  # exact: no wildcard matching per message
+            if message.payload == self._probe_token:
+                self._probe_back.set()
+            return  # our own probe (or a stranger's): not for the handlers
+        try:
+            self._on_message(message)
+        except Exception:
+            log.exception("mqtt message handler failed", topic=str(message.topic))
 
 
 def property_of(message: aiomqtt.Message, name: str) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 import aiomqtt
 
@@ -36,10 +37,17 @@ def is_state(topic: str) -> bool:
 
 
 class IntakeStats:
-    """Counts shared by every queue of one connection (aiomqtt makes one per session)."""
+    """Counts shared by every queue of one connection (aiomqtt makes one per session), and
+    the queue of the current session, which the receiver drains in batches."""
 
     def __init__(self) -> None:
         self.coalesced = 0
+        #: When the last message was put (monotonic; 0: never).
+        self.last_put_at = 0.0
+        self.current: Intake | None = None
+        #: Set while nothing waits to be read.
+        self.drained = asyncio.Event()
+        self.drained.set()
 
 
 class Intake(asyncio.Queue[aiomqtt.Message]):
@@ -53,6 +61,8 @@ class Intake(asyncio.Queue[aiomqtt.Message]):
     def _init(self, maxsize: int) -> None:
         self._fifo: collections.deque[aiomqtt.Message] = collections.deque()
         self._state: collections.OrderedDict[str, aiomqtt.Message] = collections.OrderedDict()
+        self.stats.current = self
+        self.stats.drained.set()  # a new session's queue: what the last one held is gone
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         topic = str(item.topic)
@@ -64,6 +74,8 @@ class Intake(asyncio.Queue[aiomqtt.Message]):
         super().put_nowait(item)
 
     def _put(self, item: aiomqtt.Message) -> None:
+        self.stats.last_put_at = time.monotonic()
+        self.stats.drained.clear()
         topic = str(item.topic)
         if is_state(topic):
             if topic in self._state:
@@ -73,9 +85,19 @@ class Intake(asyncio.Queue[aiomqtt.Message]):
             self._fifo.append(item)
 
     def _get(self) -> aiomqtt.Message:
-        if self._fifo:
-            return self._fifo.popleft()
-        return self._state.popitem(last=False)[1]
+        item = self._fifo.popleft() if self._fifo else self._state.popitem(last=False)[1]
+        if self.empty():
+            self.stats.drained.set()
+        return item
+
+    def take(self, most: int) -> list[aiomqtt.Message]:
+        """Up to ``most`` waiting messages at once, in the order :meth:`get` gives them
+        (aiomqtt's iterator costs a task and a wait per message; a burst is read in
+        batches instead)."""
+        out: list[aiomqtt.Message] = []
+        while len(out) < most and not self.empty():
+            out.append(self.get_nowait())
+        return out
 
     def qsize(self) -> int:
         return len(self._fifo) + len(self._state)

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,7 +33,7 @@ from agent.core.events import EventHub
 from agent.core.host import HostLimits, host_capacity, host_limits
 from agent.core.inventory import Inventory, InventoryChange
 from agent.core.matching import Matched
-from agent.core.pool import Peer, PeerStates, PlacedCandidate, place_across
+from agent.core.pool import PeerCards, PeerStates, PlacedCandidate, place_across
 from agent.core.slice_env import slice_environment
 from agent.core.stopped import StoppedRecord
 from agent.errors import (
@@ -282,19 +282,36 @@ class NodeService:
         )
 
     def place(
-        self, request: SliceRequest, peers: Sequence[Peer] = (), limit: int = 10, local: bool = True
+        self,
+        request: SliceRequest,
+        peers: Sequence[PeerCards] = (),
+        limit: int = 10,
+        local: bool = True,
+        among: Collection[str] | None = None,
     ) -> list[PlacedCandidate]:
         """Where ``request`` would go, best first: cards of this node (``local``) and of the
-        placeable ``peers``, scored by the same placer as a local allocation. Asking is not
+        placeable ``peers`` (the whole placeable pool, or nothing; ``among``: rank only
+        these of them), scored by the same placer as a local allocation. Asking is not
         requesting: the placer's history is not changed."""
         wanted = self.placement_request(self.normalise(request))
-        states = self._peer_states.states([p for p in peers if p.placeable])
+        states = self._peer_states.states(peers) if peers else []
+        supply = self._peer_states.supply if peers else placement.Supply()
+        if among is not None:
+            states = [s for s in states if s.id in among]
         here = self.node_state() if local else None
-        supply = self._peer_states.supply
         if here is not None:
             supply = supply + placement.supply_of([here])
         self.placer.set_supply(supply)
         return place_across(self.placer, wanted, here, states, limit)
+
+    def unprepared_peers(self, peers: Sequence[PeerCards]) -> list[PeerCards]:
+        """Those of ``peers`` that :meth:`place` would have to convert first."""
+        return self._peer_states.unprepared(peers)
+
+    def prepare_peers(self, peers: Sequence[PeerCards]) -> None:
+        """Convert ``peers`` for :meth:`place` ahead of time (a background task does, a
+        few at a time, as news of them arrives)."""
+        self._peer_states.prepare(peers)
 
     def health(self) -> tuple[str, list[str]]:
         """``ok`` or ``degraded``, with why: the one place health is decided."""
