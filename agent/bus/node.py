@@ -47,7 +47,7 @@ RESYNC_WAIT_MAX_S = 5.0
 
 PRUNE_EVERY_S = 1.0
 #: Seconds between conversions of peers' new cards for placement; peers per step (~9 ms).
-PREPARE_EVERY_S = 1.0
+PREPARE_EVERY_S = 0.5
 PREPARE_BATCH = 100
 
 
@@ -117,9 +117,12 @@ class Bus:
         for 10,000 conversions at once."""
 
         deferred_since: float | None = None
+        prepared_at = -1  # the table's count of card changes when last prepared
 
         async def step() -> None:
-            nonlocal deferred_since
+            nonlocal deferred_since, prepared_at
+            if self.table.cards_changes == prepared_at:
+                return
             # Not while a zone's state is still pouring in (it would slow that down by a
             # third), unless that has gone on for long.
             now = time.monotonic()
@@ -128,6 +131,7 @@ class Bus:
                 if now - deferred_since < RESYNC_WAIT_MAX_S:
                     return
             deferred_since = None
+            prepared_at = self.table.cards_changes
             todo = self.service.unprepared_peers(self.pool.placeable())
             for start in range(0, len(todo), PREPARE_BATCH):
                 self.service.prepare_peers(todo[start : start + PREPARE_BATCH])

@@ -96,6 +96,8 @@ class PeerTable:
         #: cleared: when the order changes or something may have gone missing.
         self.version = 0
         self._order: tuple[int, list[_Record]] = (0, [])
+        #: Grows with every change of a peer's cards (a cheap "anything new?" for readers).
+        self.cards_changes = 0
 
     def receive(
         self, address: Address, raw: bytes, topic: str, retained: bool = False
@@ -149,6 +151,7 @@ class PeerTable:
                 transition = Transition(body.node, "offline")
         elif isinstance(body, payloads.Capacity):
             record.cards = _cards(body)
+            self.cards_changes += 1
         else:
             record.idle = body
         return transition
