@@ -11,7 +11,7 @@ daemons. Measured:
 - ``POST /v1/pool/place`` over the whole pool (the first call right after the view filled,
   then p50 and max of 30 more), three whole ``GET /v1/pool`` built afresh (answer time
   and size; then Python's ``json.loads`` of it),
-  the agent's RSS;
+  the agent's RSS right after that and ``--settle`` seconds after the full view;
 - bytes per node per hour at steady state, from a real agent's own publications.
 
 Run: ``python -m benchmarks.pool_scale --peers 1000 2000 [--devices 8] [--json]``.
@@ -32,6 +32,7 @@ import uuid
 from typing import Any
 
 import paho.mqtt.client as paho
+import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.bus.topics import Kind, Topics
@@ -101,7 +102,7 @@ def _complete(agent: AgentProcess, devices: int) -> int:
     return sum(len(p["devices"]) == devices for p in _pool(agent))
 
 
-def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
+def _one_scale(n: int, devices: int, changes: int, settle_s: float) -> dict[str, Any]:
     broker = Mosquitto().start()
     root = f"bench-{uuid.uuid4().hex[:6]}"
     topics = Topics(root, ZONE, "bench")
@@ -139,7 +140,8 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
                 if time.monotonic() - sent > 30:
                     raise TimeoutError(f"change to {node} never seen")
         assert agent.proc is not None
-        rss_mib = __import__("psutil").Process(agent.proc.pid).memory_info().rss / 2**20
+        process = psutil.Process(agent.proc.pid)
+        rss_mib = process.memory_info().rss / 2**20
         places = []
         for _ in range(31):
             t0 = time.monotonic()
@@ -148,6 +150,9 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
             )
             places.append(time.monotonic() - t0)
             assert status == 200
+        # Steady state: past the agent's periodic return of freed memory (agent.memory).
+        time.sleep(max(0.0, settle_s - (time.monotonic() - started - full_view_s)))
+        settled_mib = process.memory_info().rss / 2**20
         reads, decodes = [], []
         for _ in range(3):
             time.sleep(1.1)  # past the agent's reuse of a large pool's document: built afresh
@@ -183,6 +188,7 @@ def _one_scale(n: int, devices: int, changes: int) -> dict[str, Any]:
         "whole_pool_bytes": len(body),
         "whole_pool_decode_ms": round(1000 * statistics.median(decodes), 1),
         "agent_rss_mib": round(rss_mib, 1),
+        "agent_rss_settled_mib": round(settled_mib, 1),
     }
 
 
@@ -245,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--changes", type=int, default=40)
     parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument(
+        "--settle", type=float, default=12.0, help="seconds after the full view to read RSS again"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",
-        "scales": [_one_scale(n, args.devices, args.changes) for n in args.peers],
+        "scales": [_one_scale(n, args.devices, args.changes, args.settle) for n in args.peers],
         "steady_state": _bytes_per_hour(args.window, 10.0),
     }
     print(json.dumps(result, indent=None if args.json else 2))

@@ -296,6 +296,13 @@ def test_placeable_cards_and_stale_nodes_agree_with_the_full_read() -> None:
     send(t, capacity(seq=2, node="b"), node="b")
     send(t, capacity(seq=2, node="c"), node="c")  # d: no cards yet
     send(t, status("offline", seq=3, node="c"), node="c")
+    # Fetched again: what makes a peer placeable first, what only lending needs after.
+    assert [(a.node, a.kind.value) for a in t.missing()] == [
+        ("d", "capacity"),
+        ("b", "idle"),
+        ("c", "idle"),
+        ("d", "idle"),
+    ]
     mono.now += 10
     assert [c.node for c in t.placeable(90)] == ["b"]
     assert t.placeable(90)[0] is t.peers(90)[0].cards  # the very cards placement converts

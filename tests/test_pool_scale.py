@@ -92,4 +92,4 @@ def test_every_retained_peer_arrives_whole(
             reader.wait()
     median_ms = 1000 * statistics.median(health)
     print(f"health under pool reads: median {median_ms:.1f} ms, max {1000 * max(health):.1f} ms")
-    assert median_ms < 15 and max(health) < 0.25, (median_ms, max(health))
+    assert median_ms < 10 and max(health) < 0.25, (median_ms, max(health))

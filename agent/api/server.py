@@ -49,6 +49,8 @@ POOL_CACHE: web.AppKey[dict[str, tuple[float, bytes]]] = web.AppKey("pool-cache"
 #: to POOL_CACHE_S seconds (readers polling a big pool cost one encoding a second).
 POOL_CACHE_FROM = 1000
 POOL_CACHE_S = 1.0
+#: Bytes of a large document written at a time (see ``_send_large``).
+SEND_PIECE = 256 * 1024
 CALLER = "xpu.caller"
 STOP_GRACE_S = 2.0
 JSON = "application/json"
@@ -280,7 +282,7 @@ async def delete_process(request: web.Request) -> web.Response:
     return _json(views.slice_view(service, slice_, caller))
 
 
-async def get_pool(request: web.Request) -> web.Response:
+async def get_pool(request: web.Request) -> web.StreamResponse:
     """Every peer (filtered by ``node``, ``model`` or ``placeable``). The pool keeps each
     peer's view until news of it arrives, and each peer's cards are encoded once per
     change (:class:`views.PoolEncoder`). A large pool's document (14 MB for 10,000 peers
@@ -293,7 +295,7 @@ async def get_pool(request: web.Request) -> web.Response:
     now = time.monotonic()
     hit = cache.get(key)
     if hit is not None and now - hit[0] < POOL_CACHE_S:
-        return web.Response(body=hit[1], content_type=JSON)
+        return await _send_large(request, hit[1])
     node = _query_text(request, "node", 253)
     model = _query_text(request, "model", 256)
     placeable = _query_flag(request, "placeable")
@@ -313,7 +315,24 @@ async def get_pool(request: web.Request) -> web.Response:
     if len(cache) > 64:
         cache.clear()
     cache[key] = (now, body)
-    return web.Response(body=body, content_type=JSON)
+    return await _send_large(request, body)
+
+
+async def _send_large(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A big document in pieces, each written once the last has left: handed over whole,
+    asyncio's transport copies all of it and moves what is left of its buffer after each
+    send (Python 3.11), several megabytes per read of a large pool on the loop, and other
+    requests wait behind that."""
+    if len(body) <= SEND_PIECE:
+        return web.Response(body=body, content_type=JSON)
+    response = web.StreamResponse(headers={"Content-Type": JSON})
+    response.content_length = len(body)
+    await response.prepare(request)
+    view = memoryview(body)
+    for start in range(0, len(body), SEND_PIECE):
+        await response.write(view[start : start + SEND_PIECE])
+    await response.write_eof()
+    return response
 
 
 async def get_peer(request: web.Request) -> web.Response:

@@ -194,17 +194,28 @@ def _device_views(devices: Sequence[PeerDevice]) -> list[schema.PeerDeviceView]:
     ]
 
 
-#: :class:`schema.PeerView` with its cards already encoded (same fields, same order).
+#: :class:`schema.PeerView` with its cards already encoded: the same fields in the same
+#: order, all given (positional arguments build it three times faster than keywords).
 _PeerWire: Any = msgspec.defstruct(
     "PeerWire",
     [
-        (f.encode_name, msgspec.Raw if f.name == "devices" else f.type, f.default)
-        if f.default is not msgspec.NODEFAULT
-        else (f.encode_name, msgspec.Raw if f.name == "devices" else f.type)
+        (f.encode_name, msgspec.Raw if f.name == "devices" else f.type)
         for f in msgspec.structs.fields(schema.PeerView)
     ],
-    kw_only=True,
 )
+_WIRE_ORDER = (
+    "node",
+    "state",
+    "placeable",
+    "age_s",
+    "agent",
+    "address",
+    "devices",
+    "lendable_memory_mib",
+    "lendable_compute_pct",
+    "lends",
+)
+assert tuple(f.name for f in msgspec.structs.fields(schema.PeerView)) == _WIRE_ORDER
 
 
 class PoolEncoder:
@@ -227,17 +238,17 @@ class PoolEncoder:
                 hit = (peer.devices, msgspec.Raw(msgspec.json.encode(_device_views(peer.devices))))
                 cache[peer.node] = hit
             wires.append(
-                _PeerWire(
-                    node=peer.node,
-                    state=peer.state,
-                    placeable=peer.placeable,
-                    age_s=round(peer.age_s, 3),
-                    agent=peer.agent,
-                    address=peer.address,
-                    devices=hit[1],
-                    lendable_memory_mib=peer.lendable_memory_mib,
-                    lendable_compute_pct=peer.lendable_compute_pct,
-                    lends=peer.lends,
+                _PeerWire(  # in _WIRE_ORDER
+                    peer.node,
+                    peer.state,
+                    peer.placeable,
+                    round(peer.age_s, 3),
+                    peer.agent,
+                    peer.address,
+                    hit[1],
+                    peer.lendable_memory_mib,
+                    peer.lendable_compute_pct,
+                    peer.lends,
                 )
             )
         if whole and len(cache) > len(peers):  # peers gone

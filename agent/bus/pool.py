@@ -265,16 +265,17 @@ class PeerTable:
 
     def missing(self) -> list[Address]:
         """What a known peer has not been heard to say at all (lost in a burst the broker
-        could not queue): the state to fetch again."""
-        found = []
+        could not queue): the state to fetch again, what makes a peer placeable (status,
+        cards) before what only lending needs (idle)."""
+        first, then = [], []
         for record in self._peers.values():
             if record.status is None:
-                found.append(Address(record.node, Kind.STATUS))
+                first.append(Address(record.node, Kind.STATUS))
             if record.cards is None:
-                found.append(Address(record.node, Kind.CAPACITY))
+                first.append(Address(record.node, Kind.CAPACITY))
             if record.idle is None:
-                found.append(Address(record.node, Kind.IDLE))
-        return found
+                then.append(Address(record.node, Kind.IDLE))
+        return first + then
 
     def incomplete(self) -> int:
         """Peers heard (status) whose cards have not arrived: not placeable yet."""
