@@ -32,7 +32,7 @@ from agent.enforce.mps import MpsDaemons
 from agent.errors import ConfigError, LedgerUnavailable, StorageFull
 from agent.instance import StateLock
 from agent.ledger.store import Ledger
-from agent.memory import TRIM_EVERY_S, return_large_buffers, trim
+from agent.memory import return_large_buffers
 from agent.supervise import every, supervised
 from agent.systemd import Notifier, listen_fds
 
@@ -244,7 +244,6 @@ class Daemon:
             "status": lambda: self._status(service),
             "metrics-listener": lambda: metrics.serve_tcp(server.runner),
             "metrics-textfile": metrics.write_textfile_forever,
-            "memory-trim": lambda: every(TRIM_EVERY_S, _trim),
         }
         if config.enforcement.nvidia.mps == "managed":
             # One MPS control daemon per NVIDIA card, quit (and the cards' compute mode
@@ -274,10 +273,6 @@ class Daemon:
             self.notifier.close()
         log.info("stopped")
         return 0
-
-
-async def _trim() -> None:
-    trim()
 
 
 def run_daemon(config: Config, config_path: Path | None, dev: bool) -> int:

@@ -7,10 +7,6 @@ freed, after which 700 KB buffers come from the heap and fragment it: 11,000 adv
 messages grew the agent from 52 to 452 MiB RSS, most of it freed but not returned. A fixed
 threshold (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) keeps every
 buffer over 128 KiB in its own mapping, returned on free.
-
-Smaller objects freed after a burst (a zone's retained state read at start: tens of
-thousands of messages) stay in the heap, counted in RSS, until ``malloc_trim`` gives the
-free pages back; the daemon asks for that every :data:`TRIM_EVERY_S`.
 """
 
 from __future__ import annotations
@@ -24,37 +20,17 @@ log = structlog.get_logger(__name__)
 
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
-#: Seconds between returns of freed heap pages to the OS (a walk of the heap: ~1 ms).
-TRIM_EVERY_S = 10.0
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-def trim() -> bool:
-    """Give freed heap pages back to the OS (glibc's ``malloc_trim(0)``); False where
-    there is no glibc."""
-    libc = _libc()
-    function = getattr(libc, "malloc_trim", None)
-    if function is None:
-        return False
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return bool(function(0))
 
 
 def return_large_buffers() -> bool:
     """Fix glibc's mmap threshold; False (and nothing changed) where there is no glibc."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -6,9 +6,10 @@ daemons. Measured:
 
 - time from the agent's start to a full pool view (``GET /v1/pool`` lists all N peers,
   each with all its cards);
-- change latency: a peer's capacity changes → visible in the agent's per-peer read
+- time until every retained message was read (the peers' idle state comes after cards);
+- change latency, after that: a peer's capacity changes → visible in the agent's per-peer read
   ``/v1/pool/peers/{node}`` (p50/p99, each sample includes one read, also reported);
-- ``POST /v1/pool/place`` over the whole pool (the first call right after the view filled,
+- ``POST /v1/pool/place`` over the whole pool (the first call, after the changes,
   then p50 and max of 30 more), three whole ``GET /v1/pool`` built afresh (answer time
   and size; then Python's ``json.loads`` of it),
   the agent's RSS right after that and ``--settle`` seconds after the full view;
@@ -97,6 +98,16 @@ def _wait_full_view(agent: AgentProcess, n: int, devices: int, started: float) -
         time.sleep(0.02)
 
 
+def _wait_synced(agent: AgentProcess, messages: int, started: float) -> float:
+    """Seconds from ``started`` until the agent has read ``messages`` (every retained one)."""
+    while time.monotonic() - started < 300:
+        status, node, _ = agent.api("GET", "/v1/node")
+        if status == 200 and node["mqtt"]["received"] >= messages:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {messages} messages read")
+
+
 def _complete(agent: AgentProcess, devices: int) -> int:
     """Peers listed with all their cards (status alone is not a view of a peer)."""
     return sum(len(p["devices"]) == devices for p in _pool(agent))
@@ -117,6 +128,9 @@ def _one_scale(n: int, devices: int, changes: int, settle_s: float) -> dict[str,
         started = time.monotonic()
         agent.start()
         full_view_s = _wait_full_view(agent, n, devices, started)
+        # Changes are timed once the start-up sync is over (every retained message read:
+        # the peers' idle state is fetched after their cards), not while it still runs.
+        synced_s = _wait_synced(agent, 3 * n, started)
         rng = random.Random(7)
         latencies, polls = [], []
         for k in range(changes):
@@ -173,6 +187,7 @@ def _one_scale(n: int, devices: int, changes: int, settle_s: float) -> dict[str,
         "peers": n,
         "devices_per_peer": devices,
         "full_view_s": round(full_view_s, 2),
+        "synced_s": round(synced_s, 2),
         "change_p50_ms": round(1000 * statistics.median(latencies), 1),
         "change_p99_ms": round(
             1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1
