@@ -213,24 +213,13 @@ class PeerStates:
             self.supply = self.supply - placement.supply_of(gone) + placement.supply_of(new)
 
     def states(self, peers: Sequence[PeerCards]) -> list[placement.NodeState]:
-        out = []
+        self.prepare(peers)
         cache = self._states
-        gone: list[placement.NodeState] = []
-        new: list[placement.NodeState] = []
-        for cards in peers:
-            cached = cache.get(cards.node)
-            if cached is None or cached[0] is not cards:
-                if cached is not None:
-                    gone.append(cached[1])
-                cached = (cards, _peer_state(cards))
-                new.append(cached[1])
-                cache[cards.node] = cached
-            out.append(cached[1])
+        out = [cache[cards.node][1] for cards in peers]
         if len(cache) > len(out):  # peers gone: forget them
             seen = {p.node for p in peers}
-            gone += [cache.pop(node)[1] for node in [n for n in cache if n not in seen]]
-        if gone or new:
-            self.supply = self.supply - placement.supply_of(gone) + placement.supply_of(new)
+            gone = [cache.pop(node)[1] for node in [n for n in cache if n not in seen]]
+            self.supply = self.supply - placement.supply_of(gone)
         return out
 
 
