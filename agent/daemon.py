@@ -32,7 +32,7 @@ from agent.enforce.mps import MpsDaemons
 from agent.errors import ConfigError, LedgerUnavailable, StorageFull
 from agent.instance import StateLock
 from agent.ledger.store import Ledger
-from agent.memory import return_large_buffers
+from agent.memory import collect_less_often, return_large_buffers
 from agent.supervise import every, supervised
 from agent.systemd import Notifier, listen_fds
 
@@ -281,4 +281,5 @@ def run_daemon(config: Config, config_path: Path | None, dev: bool) -> int:
         return config_mod.with_dev_paths(fresh) if dev else fresh
 
     return_large_buffers()
+    collect_less_often()
     return asyncio.run(Daemon(config, reload).run())
