@@ -51,6 +51,25 @@ PREPARE_EVERY_S = 0.5
 PREPARE_BATCH = 100
 
 
+class _Deferral:
+    """Put off work while the bus is in a burst (not quiet for ``RESYNC_QUIET_S``), but
+    never for longer than ``RESYNC_WAIT_MAX_S``: a zone that is never quiet (thousands of
+    peers heartbeating) is not in a burst either."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def wait(self, busy: bool) -> bool:
+        """Whether to put the work off now (``busy``: the bus is in a burst)."""
+        now = time.monotonic()
+        if busy:
+            self._since = now if self._since is None else self._since
+            if now - self._since < RESYNC_WAIT_MAX_S:
+                return True
+        self._since = None
+        return False
+
+
 class Bus:
     def __init__(self, config: Config, service: NodeService) -> None:
         node = config.node_name
@@ -111,26 +130,25 @@ class Bus:
             "pool-prepare": self._prepare,
         }
 
+    def _in_burst(self) -> bool:
+        return self.connection.quiet_s() < RESYNC_QUIET_S
+
     async def _prepare(self) -> None:
         """Keep placement's view of the peers converted as news arrives, a few hundred at a
         time between other work, so that ``place`` right after a zone's burst does not pay
         for 10,000 conversions at once."""
 
-        deferred_since: float | None = None
+        deferral = _Deferral()
         prepared_at = -1  # the table's count of card changes when last prepared
 
         async def step() -> None:
-            nonlocal deferred_since, prepared_at
+            nonlocal prepared_at
             if self.table.cards_changes == prepared_at:
                 return
             # Not while a zone's state is still pouring in (it would slow that down by a
             # third), unless that has gone on for long.
-            now = time.monotonic()
-            if self.table.incomplete() and self.connection.quiet_s() < RESYNC_QUIET_S:
-                deferred_since = now if deferred_since is None else deferred_since
-                if now - deferred_since < RESYNC_WAIT_MAX_S:
-                    return
-            deferred_since = None
+            if deferral.wait(self.table.incomplete() > 0 and self._in_burst()):
+                return
             prepared_at = self.table.cards_changes
             todo = self.service.unprepared_peers(self.pool.placeable())
             for start in range(0, len(todo), PREPARE_BATCH):
@@ -150,19 +168,13 @@ class Bus:
         than one batch for us."""
         tried: dict[tuple[str, str], int] = {}
         settled = -1  # the table's version when nothing (more) could be fetched
-        waiting_since: float | None = None
+        deferral = _Deferral()
         while True:
             await asyncio.sleep(RESYNC_EVERY_S)
             if not self.connection.connected or self.table.version == settled:
                 continue
-            # A zone that is never quiet (thousands of peers heartbeating) is not in a
-            # burst either: after a while, fetch anyway.
-            now = time.monotonic()
-            if self.connection.quiet_s() < RESYNC_QUIET_S:
-                waiting_since = now if waiting_since is None else waiting_since
-                if now - waiting_since < RESYNC_WAIT_MAX_S:
-                    continue
-            waiting_since = None
+            if deferral.wait(self._in_burst()):
+                continue
             version = self.table.version
             # A topic that a few refetches did not bring is simply not retained (an older
             # agent, a cleared node): stop asking.
